@@ -1,0 +1,34 @@
+"""induct_fast: find and measure induction circuits in transformers, fast.
+
+Scores over attention patterns (previous-token, duplicate-token, induction and more), exact
+TransformerLens ``head_detector`` parity, computed by a multi-threaded Rust core that releases the
+GIL. Importing the package needs only numpy.
+"""
+
+from ._core import __version__, get_num_threads, set_num_threads
+from .scores import (
+    DEFAULT_KINDS,
+    KINDS,
+    detection_scores,
+    duplicate_token_scores,
+    head_scores,
+    induction_scores,
+    offset_scores,
+    previous_token_scores,
+)
+from .tokens import repeated_tokens
+
+__all__ = [
+    "DEFAULT_KINDS",
+    "KINDS",
+    "__version__",
+    "detection_scores",
+    "duplicate_token_scores",
+    "get_num_threads",
+    "head_scores",
+    "induction_scores",
+    "offset_scores",
+    "previous_token_scores",
+    "repeated_tokens",
+    "set_num_threads",
+]

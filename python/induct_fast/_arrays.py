@@ -1,0 +1,66 @@
+"""Array intake shared by every public function: views without copies where numpy allows,
+dtype checks with messages that name the argument. Kernels live in Rust; nothing here computes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_KERNEL_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _describe(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else type(x).__name__
+
+
+def _from_torch(x: Any, name: str) -> Any:
+    """A CPU torch tensor as a numpy array without a copy; CUDA tensors are refused clearly."""
+    device = getattr(x, "device", None)
+    if getattr(device, "type", "cpu") != "cpu":
+        raise ValueError(f"{name}: expected a CPU tensor or array, got a tensor on {device}; move it with .cpu() first")
+    x = x.detach()
+    if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+        x = x.float()
+    return x.numpy()
+
+
+def as_float_array(x: Any, name: str) -> np.ndarray:
+    """`x` as a native-endian float16/32/64 ndarray, a view whenever numpy can make one.
+
+    Integer and bool arrays are widened to float64; other floats (float128) narrowed to float64.
+    Complex, object, string and None inputs raise TypeError naming `name`.
+    """
+    if x is None:
+        raise TypeError(f"{name}: expected a real numeric array, got None")
+    if type(x).__module__.startswith("torch"):
+        x = _from_torch(x, name)
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # ragged lists, objects whose __array__ fails
+        raise TypeError(f"{name}: expected a real numeric array, got {_describe(x)} ({exc})") from None
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise TypeError(f"{name}: expected a real numeric array, got complex dtype {arr.dtype}")
+    if kind not in "fiub":
+        raise TypeError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
+    if kind != "f" or arr.dtype.newbyteorder("=") not in _KERNEL_FLOATS:
+        return arr.astype(np.float64)
+    if not arr.dtype.isnative:
+        return arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+def as_tokens(tokens: Any, name: str = "tokens") -> np.ndarray | None:
+    """Token ids as a C-contiguous int64 array (they are small); any integer dtype is accepted."""
+    if tokens is None:
+        return None
+    if type(tokens).__module__.startswith("torch"):
+        tokens = _from_torch(tokens, name)
+    arr = np.asarray(tokens)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array of token ids, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name}: expected shape (n,) or (batch, n), got shape {arr.shape}")
+    return np.ascontiguousarray(arr.astype(np.int64, copy=False))

@@ -1,0 +1,206 @@
+"""Scores of attention heads from their attention patterns (DESIGN.md section 4).
+
+Every function takes ``patterns`` of shape ``[*lead, n, n]`` (query rows, key columns; typically
+``[batch, layer, head, n, n]``) in float16, float32 or float64 with any strides, and returns
+float64 arrays. ``tokens`` is ``[n]`` (shared by every leading index) or ``[lead[0], n]`` (one row
+per batch element).
+
+Target sets T(i) of query i, for a token row t:
+
+==================  ===============================================
+kind                T(i)
+==================  ===============================================
+``previous_token``  {i-1}
+``duplicate_token`` {j < i : t[j] == t[i]}
+``induction``       {j + 1 : j < i, t[j] == t[i]} (the token after an earlier occurrence)
+``offset_<d>``      {i-d}
+``bos``             {0}
+``self``            {i}
+==================  ===============================================
+
+A head's score is the mean over eligible queries (i >= 1 and T(i) non-empty) of
+``sum_{j in T(i)} A[i, j]``; NaN when no query is eligible. ``entropy`` is the mean over rows
+i >= 1 of ``-sum_j A[i, j] log A[i, j]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from ._arrays import as_float_array, as_tokens
+
+DEFAULT_KINDS = ("previous_token", "duplicate_token", "induction")
+KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
+
+KindArg = Union[str, Sequence[str]]
+
+
+def _kind_names(kinds: KindArg, offsets: Iterable[int]) -> list[str]:
+    """Requested kinds plus one ``offset_<d>`` per offset, duplicates dropped, order kept."""
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    names = []
+    for kind in kinds:
+        if not isinstance(kind, str):
+            raise TypeError(f"kinds: expected kind names (str) such as {KINDS}, got {kind!r}")
+        names.append(kind)
+    for offset in offsets:
+        try:
+            d = operator.index(offset)
+        except TypeError:
+            raise TypeError(f"offset: expected an integer, got {offset!r}") from None
+        if d < 1:
+            raise ValueError(f"offset: expected an offset in 1..n-1, got {d}")
+        names.append(f"offset_{d}")
+    return list(dict.fromkeys(names))
+
+
+def head_scores(
+    patterns: Any,
+    tokens: Any = None,
+    *,
+    kinds: KindArg = DEFAULT_KINDS,
+    offsets: Iterable[int] = (),
+    exclude_bos: bool = False,
+    per_query: bool = False,
+) -> dict[str, np.ndarray]:
+    """Scores of several kinds in one pass over the patterns.
+
+    Parameters
+    ----------
+    patterns : array_like, shape (*lead, n, n)
+        Attention patterns, query rows and key columns (float16/32/64, any strides).
+    tokens : array_like of int, shape (n,) or (lead[0], n), optional
+        Token ids; needed by ``duplicate_token`` and ``induction``.
+    kinds : str or sequence of str
+        Any of ``previous_token``, ``duplicate_token``, ``induction``, ``bos``, ``self``,
+        ``entropy``, ``offset_<d>``.
+    offsets : iterable of int
+        Extra positional kinds ``offset_<d>`` (T(i) = {i-d}), each in 1..n-1.
+    exclude_bos : bool
+        Renormalise every row without key 0 first: A'[i, j] = A[i, j] / (1 - A[i, 0]) for j >= 1
+        (a row with all its mass on key 0 becomes all zeros); key 0 is no longer a target.
+    per_query : bool
+        Return the per-query values, shape (*lead, n), NaN where a query is not eligible,
+        instead of their mean.
+
+    Returns
+    -------
+    dict of str to ndarray of float64
+        One array per kind (offsets keyed ``offset_<d>``), shape ``lead`` (or ``(*lead, n)``).
+
+    Notes
+    -----
+    Only the entries a kind needs are read: O(n) per head for positional kinds, O(n + |T|) for
+    token kinds (targets are built once per token row), O(n^2) for ``entropy``. NaN or inf in an
+    entry that is read raises ValueError; entries no kind reads are not inspected.
+
+    Examples
+    --------
+    >>> import numpy as np, induct_fast as inf
+    >>> tokens = inf.repeated_tokens(1, period=5, vocab_size=50, seed=0)[0]
+    >>> A = np.tril(np.ones((11, 11))) / np.arange(1, 12)[:, None]
+    >>> s = inf.head_scores(A, tokens)
+    >>> round(float(s["previous_token"]), 4)
+    0.2929
+    """
+    names = _kind_names(kinds, offsets)
+    values = _core.head_scores(
+        as_float_array(patterns, "patterns"), as_tokens(tokens), names, bool(exclude_bos), bool(per_query)
+    )
+    return {name: values[i] for i, name in enumerate(names)}
+
+
+def _one_kind(kind: str, patterns: Any, tokens: Any, exclude_bos: bool, per_query: bool) -> np.ndarray:
+    return head_scores(patterns, tokens, kinds=(kind,), exclude_bos=exclude_bos, per_query=per_query)[kind]
+
+
+def previous_token_scores(patterns: Any, *, exclude_bos: bool = False, per_query: bool = False) -> np.ndarray:
+    """Mean attention from each query i >= 1 to key i-1, shape ``lead`` (see :func:`head_scores`)."""
+    return _one_kind("previous_token", patterns, None, exclude_bos, per_query)
+
+
+def duplicate_token_scores(patterns: Any, tokens: Any, *, exclude_bos: bool = False, per_query: bool = False) -> np.ndarray:
+    """Mean attention to earlier copies of the current token, shape ``lead``.
+
+    T(i) = {j < i : t[j] == t[i]}; queries whose token has not occurred before are not eligible.
+    See :func:`head_scores` for shapes and options.
+    """
+    return _one_kind("duplicate_token", patterns, tokens, exclude_bos, per_query)
+
+
+def induction_scores(patterns: Any, tokens: Any, *, exclude_bos: bool = False, per_query: bool = False) -> np.ndarray:
+    """Mean attention to the token after each earlier copy of the current token, shape ``lead``.
+
+    T(i) = {j + 1 : j < i, t[j] == t[i]}. See :func:`head_scores` for shapes and options.
+    """
+    return _one_kind("induction", patterns, tokens, exclude_bos, per_query)
+
+
+def offset_scores(patterns: Any, offset: int, *, exclude_bos: bool = False, per_query: bool = False) -> np.ndarray:
+    """Mean attention from each query i >= offset to key i - offset, shape ``lead``.
+
+    No tokens needed: on repeated random tokens of period P (:func:`repeated_tokens`),
+    induction == offset P-1 and duplicate_token == offset P. Reads n - offset entries per head.
+    ``offset`` must be in 1..n-1.
+    """
+    names = _kind_names((), (offset,))
+    return head_scores(patterns, kinds=names, exclude_bos=exclude_bos, per_query=per_query)[names[0]]
+
+
+def detection_scores(
+    patterns: Any,
+    detection: Any,
+    *,
+    tokens: Any = None,
+    measure: str = "mul",
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+) -> np.ndarray:
+    """TransformerLens ``head_detector`` scores, shape ``lead``.
+
+    Parameters
+    ----------
+    patterns : array_like, shape (*lead, n, n)
+    detection : str or array_like, shape (n, n) or (..., n, n)
+        A kind name (``previous_token``, ``duplicate_token``, ``induction``, ``bos``, ``self``,
+        ``offset_<d>``; its 0/1 matrix D is the T(i) table) or explicit matrices D, broadcast
+        against the leading axes of ``patterns`` the numpy way. Any finite values are allowed.
+    tokens : array_like of int, shape (n,) or (lead[0], n), optional
+        Needed by token kinds.
+    measure : {"mul", "abs"}
+        With A' = A with column 0 zeroed (``exclude_bos``) and the diagonal zeroed
+        (``exclude_current_token``): ``mul`` = sum(A' * D) / sum(A') over the whole matrix;
+        ``abs`` = 1 - sum(E) / n with E = |A - D| zeroed the same way. TransformerLens rounds
+        ``abs`` to 3 decimals; we return the exact value.
+
+    Every entry is read (one streaming pass per head); NaN or inf anywhere raises ValueError.
+    """
+    if isinstance(detection, str):
+        kind, matrices = detection, None
+    else:
+        kind, matrices = None, _detection_matrices(detection, patterns)
+    return _core.detection_scores(
+        as_float_array(patterns, "patterns"),
+        kind,
+        matrices,
+        as_tokens(tokens),
+        measure,
+        bool(exclude_bos),
+        bool(exclude_current_token),
+    )
+
+
+def _detection_matrices(detection: Any, patterns: Any) -> np.ndarray:
+    """D as float64 with leading axes padded on the left, so it broadcasts like numpy's rules."""
+    d = as_float_array(detection, "detection").astype(np.float64, copy=False)
+    lead_ndim = np.ndim(patterns) - 2
+    if d.ndim < 2 or d.ndim - 2 > max(lead_ndim, 0):
+        raise ValueError(
+            f"detection: expected shape (n, n) or (..., n, n) with at most {max(lead_ndim, 0)} leading axes, got shape {d.shape}"
+        )
+    return d.reshape((1,) * (lead_ndim - (d.ndim - 2)) + d.shape)

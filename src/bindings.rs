@@ -1,0 +1,112 @@
+//! PyO3 glue and nothing else: take numpy views (no copy), release the GIL around the kernel,
+//! turn core errors into ValueError, hand back the owned result without copying it.
+//! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
+
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::scores::{self, Detection, DetectionOptions, Measure, ScoreOptions};
+use crate::targets::Kind;
+use crate::{threads, Error};
+
+/// A float array of any supported dtype; the kernels are generic over it.
+#[derive(FromPyObject)]
+enum FloatArray<'py> {
+    F64(PyReadonlyArrayDyn<'py, f64>),
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F16(PyReadonlyArrayDyn<'py, half::f16>),
+}
+
+/// Runs `$body` with `$view` bound to the array's `ArrayViewD` of its own element type.
+macro_rules! with_view {
+    ($array:expr, |$view:ident| $body:expr) => {
+        match $array {
+            FloatArray::F64(a) => { let $view = a.as_array(); $body }
+            FloatArray::F32(a) => { let $view = a.as_array(); $body }
+            FloatArray::F16(a) => { let $view = a.as_array(); $body }
+        }
+    };
+}
+
+fn value_error(e: Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+fn parse_kinds(kinds: &[String]) -> PyResult<Vec<Kind>> {
+    kinds.iter().map(|k| k.parse::<Kind>().map_err(value_error)).collect()
+}
+
+/// Scores per query `[kinds, *lead, n]`, or their means `[kinds, *lead]` when `per_query` is false.
+#[pyfunction]
+#[pyo3(signature = (patterns, tokens, kinds, exclude_bos, per_query))]
+fn head_scores<'py>(
+    py: Python<'py>,
+    patterns: FloatArray<'py>,
+    tokens: Option<PyReadonlyArrayDyn<'py, i64>>,
+    kinds: Vec<String>,
+    exclude_bos: bool,
+    per_query: bool,
+) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+    let kinds = parse_kinds(&kinds)?;
+    let tokens = tokens.as_ref().map(|t| t.as_array());
+    let options = ScoreOptions { exclude_bos };
+    let result = with_view!(&patterns, |view| py.detach(|| {
+        let values = scores::per_query_scores(view, tokens, &kinds, options)?;
+        Ok::<_, Error>(if per_query { values } else { scores::mean_scores(values.view()) })
+    }))
+    .map_err(value_error)?;
+    Ok(result.into_pyarray(py))
+}
+
+/// TransformerLens `head_detector` scores `[*lead]` against a kind or explicit matrices.
+#[pyfunction]
+#[pyo3(signature = (patterns, kind, matrices, tokens, measure, exclude_bos, exclude_current_token))]
+#[allow(clippy::too_many_arguments)]
+fn detection_scores<'py>(
+    py: Python<'py>,
+    patterns: FloatArray<'py>,
+    kind: Option<String>,
+    matrices: Option<PyReadonlyArrayDyn<'py, f64>>,
+    tokens: Option<PyReadonlyArrayDyn<'py, i64>>,
+    measure: &str,
+    exclude_bos: bool,
+    exclude_current_token: bool,
+) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+    let measure: Measure = measure.parse().map_err(value_error)?;
+    let detection = match (kind, &matrices) {
+        (Some(k), None) => Detection::Kind(k.parse().map_err(|_| {
+            value_error(Error::invalid("detection", format!("a kind ({}) or a 0/1 array", Kind::NAMES), format!("{k:?}")))
+        })?),
+        (None, Some(m)) => Detection::Matrices(m.as_array()),
+        _ => return Err(PyValueError::new_err("detection: expected exactly one of a kind name or an array")),
+    };
+    let tokens = tokens.as_ref().map(|t| t.as_array());
+    let options = DetectionOptions { exclude_bos, exclude_current_token };
+    let result = with_view!(&patterns, |view| py
+        .detach(|| scores::detection_scores(view, detection, tokens, measure, options)))
+    .map_err(value_error)?;
+    Ok(result.into_pyarray(py))
+}
+
+/// Sets the number of threads every later call uses (n >= 1).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    threads::set_num_threads(n).map_err(value_error)
+}
+
+/// The number of threads calls use now.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    threads::get_num_threads()
+}
+
+#[pymodule(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(head_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(detection_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! induct_fast: scores for induction circuits over attention patterns.
+//!
+//! The core modules are pure Rust (ndarray views in, owned arrays out) and are tested by
+//! `cargo test` alone; `bindings` (feature `python`) is the only code that knows about Python.
+
+pub mod error;
+pub mod scores;
+pub mod stack;
+pub mod targets;
+pub mod threads;
+
+#[cfg(feature = "python")]
+mod bindings;
+
+pub use error::{Error, Result};
+pub use scores::{detection_scores, mean_scores, per_query_scores, Detection, DetectionOptions, Measure, ScoreOptions};
+pub use targets::Kind;

@@ -51,9 +51,10 @@ fn head_scores<'py>(
     let kinds = parse_kinds(&kinds)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let options = ScoreOptions { exclude_bos };
-    let result = with_view!(&patterns, |view| py.detach(|| {
-        let values = scores::per_query_scores(view, tokens, &kinds, options)?;
-        Ok::<_, Error>(if per_query { values } else { scores::mean_scores(values.view()) })
+    let result = with_view!(&patterns, |view| py.detach(|| if per_query {
+        scores::per_query_scores(view, tokens, &kinds, options)
+    } else {
+        scores::head_scores(view, tokens, &kinds, options)
     }))
     .map_err(value_error)?;
     Ok(result.into_pyarray(py))

@@ -13,5 +13,5 @@ pub mod threads;
 mod bindings;
 
 pub use error::{Error, Result};
-pub use scores::{detection_scores, mean_scores, per_query_scores, Detection, DetectionOptions, Measure, ScoreOptions};
+pub use scores::{detection_scores, head_scores, per_query_scores, Detection, DetectionOptions, Measure, ScoreOptions};
 pub use targets::Kind;

@@ -3,7 +3,8 @@
 //! * [`per_query_scores`]: for each kind and query i, the attention mass on the targets T(i)
 //!   (NaN where i = 0 or T(i) is empty), or the row entropy. It reads only the target entries,
 //!   so positional kinds cost O(n) per head and token kinds O(n + |T|).
-//! * [`mean_scores`]: the mean over eligible queries, the score of a head.
+//! * [`head_scores`]: the mean of those over eligible queries, the score of a head, summed
+//!   block by block without materialising the per-query values.
 //! * [`detection_scores`]: TransformerLens `head_detector`'s `mul` and `abs` formulas, which need
 //!   every entry (one streaming pass per head).
 //!
@@ -12,11 +13,11 @@
 
 use std::ops::Range;
 
-use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayView1, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_str, Error, Result};
-use crate::stack::{group_of_heads, MatrixStack, Real};
+use crate::stack::{group_of_heads, Matrix, MatrixStack, Real};
 use crate::targets::{Kind, SparseRows, Targets, TokenChain};
 use crate::threads;
 
@@ -31,7 +32,7 @@ pub struct ScoreOptions {
     pub exclude_bos: bool,
 }
 
-/// Per-query scores, shape `[kinds.len(), *lead, n]`.
+/// Per-query scores, shape `[kinds.len(), *lead, n]`; NaN where a query is not eligible.
 ///
 /// `tokens` is `[n]` (shared by every head) or `[lead[0], n]` (one row per batch element); it is
 /// needed only by the token kinds. Non-finite pattern entries that a kind reads are errors.
@@ -42,59 +43,110 @@ pub fn per_query_scores<T: Real>(
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
     let stack = MatrixStack::new("patterns", patterns)?;
-    let n = stack.n();
-    for &kind in kinds {
-        kind.check_range(n)?;
-    }
-    let needs_tokens = kinds.iter().any(|k| k.needs_tokens());
-    let (chains, group_of) = match (&tokens, needs_tokens) {
-        (Some(t), true) => token_chains(t, &stack)?,
-        (None, true) => {
-            let kind = kinds.iter().find(|k| k.needs_tokens()).unwrap().name();
-            return Err(Error::invalid("tokens", format!("a token array, which kind {kind:?} needs"), "None"));
-        }
-        // Tokens that no kind reads are still checked, so a mismatch never passes silently.
-        (Some(t), false) => (Vec::new(), token_chains(t, &stack)?.1),
-        (None, false) => (Vec::new(), vec![0; stack.n_heads()]),
-    };
-
-    let blocks = row_blocks(stack.n_heads(), n);
-    let results: Vec<Vec<f64>> = threads::install(|| {
-        blocks
-            .par_iter()
-            .map(|(h, rows)| {
-                let chain = chains.get(group_of[*h]);
-                let targets: Vec<Option<Targets>> = kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
-                score_rows(&stack, *h, rows.clone(), &targets, options)
-            })
-            .collect::<Result<_>>()
-    })?;
-
-    let n_heads = stack.n_heads();
+    let (n_heads, n) = (stack.n_heads(), stack.n());
     let mut out = vec![f64::NAN; kinds.len() * n_heads * n];
-    for ((h, rows), values) in blocks.iter().zip(&results) {
-        for k in 0..kinds.len() {
-            let dst = k * n_heads * n + h * n + rows.start;
-            out[dst..dst + rows.len()].copy_from_slice(&values[k * rows.len()..(k + 1) * rows.len()]);
-        }
-    }
+    run_blocks(&stack, tokens, kinds, options, Some(&mut out))?;
     let mut shape = vec![kinds.len()];
     shape.extend_from_slice(stack.lead());
     shape.push(n);
     Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("output length matches its shape"))
 }
 
-/// Mean over the last axis of the eligible (non-NaN) entries; NaN where none is eligible.
-pub fn mean_scores(per_query: ArrayViewD<'_, f64>) -> ArrayD<f64> {
-    let last = per_query.ndim() - 1;
-    per_query.map_axis(ndarray::Axis(last), |row| {
-        let (sum, count) = row.iter().filter(|v| !v.is_nan()).fold((0.0, 0usize), |(s, c), v| (s + v, c + 1));
-        if count == 0 { f64::NAN } else { sum / count as f64 }
+/// Head scores, shape `[kinds.len(), *lead]`: the mean over eligible queries of the per-query
+/// scores (NaN where none is eligible), without materialising the per-query values.
+pub fn head_scores<T: Real>(
+    patterns: ArrayViewD<'_, T>,
+    tokens: Option<ArrayViewD<'_, i64>>,
+    kinds: &[Kind],
+    options: ScoreOptions,
+) -> Result<ArrayD<f64>> {
+    let stack = MatrixStack::new("patterns", patterns)?;
+    let partials = run_blocks(&stack, tokens, kinds, options, None)?;
+    let blocks = row_blocks(stack.n_heads(), stack.n());
+    let mut totals = vec![(0.0, 0usize); kinds.len() * stack.n_heads()];
+    for ((h, _), partial) in blocks.iter().zip(&partials) {
+        for (k, (sum, count)) in partial.iter().enumerate() {
+            let total = &mut totals[k * stack.n_heads() + h];
+            total.0 += sum;
+            total.1 += count;
+        }
+    }
+    let means = totals.into_iter().map(|(sum, count)| if count == 0 { f64::NAN } else { sum / count as f64 }).collect();
+    let mut shape = vec![kinds.len()];
+    shape.extend_from_slice(stack.lead());
+    Ok(ArrayD::from_shape_vec(IxDyn(&shape), means).expect("one mean per kind and head"))
+}
+
+/// (sum, count) of the eligible per-query values of each kind over one block of rows.
+type Partial = Vec<(f64, usize)>;
+
+/// Validates the request, then scores every block of rows in parallel, writing per-query values
+/// into `out` (`[kinds, heads, n]`) when given. Returns the partial sums in block order.
+fn run_blocks<T: Real>(
+    stack: &MatrixStack<'_, T>,
+    tokens: Option<ArrayViewD<'_, i64>>,
+    kinds: &[Kind],
+    options: ScoreOptions,
+    out: Option<&mut [f64]>,
+) -> Result<Vec<Partial>> {
+    let n = stack.n();
+    for &kind in kinds {
+        kind.check_range(n)?;
+    }
+    let (group_of, chains) = token_tables(stack, tokens.as_ref(), kinds.iter().copied().find(|k| k.needs_tokens()))?;
+    let blocks = row_blocks(stack.n_heads(), n);
+    let outs = split_outputs(out, stack.n_heads(), n);
+    threads::install(|| {
+        blocks
+            .into_par_iter()
+            .zip(outs)
+            .map(|((h, rows), mut out)| {
+                let chain = chains.get(group_of[h]);
+                let targets: Vec<Option<Targets>> = kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
+                score_rows(stack, h, rows, &targets, options, &mut out)
+            })
+            .collect()
     })
 }
 
-/// `[*lead, n]` token rows as one chain per row plus the token row of every head.
-fn token_chains<T: Real>(tokens: &ArrayViewD<'_, i64>, stack: &MatrixStack<'_, T>) -> Result<(Vec<TokenChain>, Vec<usize>)> {
+/// Per block (in `row_blocks` order), one output slice per kind; empty lists without `out`.
+fn split_outputs(out: Option<&mut [f64]>, n_heads: usize, n: usize) -> Vec<Vec<&mut [f64]>> {
+    let n_blocks = row_blocks(n_heads, n).len();
+    let Some(out) = out.filter(|o| !o.is_empty()) else {
+        return (0..n_blocks).map(|_| Vec::new()).collect();
+    };
+    let mut per_kind: Vec<_> = out
+        .chunks_mut(n_heads * n)
+        .map(|slab| slab.chunks_mut(n).flat_map(|head| head.chunks_mut(BLOCK_ROWS)).collect::<Vec<_>>().into_iter())
+        .collect();
+    (0..n_blocks).map(|_| per_kind.iter_mut().map(|blocks| blocks.next().expect("one slice per block")).collect()).collect()
+}
+
+/// The token row of every head and, when `needs` names a kind that reads tokens, one chain of
+/// earlier occurrences per token row. Tokens that no kind reads are still checked, so a mismatch
+/// never passes silently.
+fn token_tables<T: Real>(
+    stack: &MatrixStack<'_, T>,
+    tokens: Option<&ArrayViewD<'_, i64>>,
+    needs: Option<Kind>,
+) -> Result<(Vec<usize>, Vec<TokenChain>)> {
+    let group_of = match tokens {
+        Some(t) => token_groups(t, stack)?,
+        None => vec![0; stack.n_heads()],
+    };
+    let chains = match (tokens, needs) {
+        (Some(t), Some(_)) => token_rows(t).map(|row| TokenChain::new(&row.to_vec())).collect(),
+        (None, Some(kind)) => {
+            return Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None"))
+        }
+        (_, None) => Vec::new(),
+    };
+    Ok((group_of, chains))
+}
+
+/// The token row of every head, after checking tokens are `[n]` or `[g, n]` with g broadcasting
+/// against the patterns' first leading axis.
+fn token_groups<T: Real>(tokens: &ArrayViewD<'_, i64>, stack: &MatrixStack<'_, T>) -> Result<Vec<usize>> {
     let shape = tokens.shape();
     let n = stack.n();
     if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
@@ -104,10 +156,7 @@ fn token_chains<T: Real>(tokens: &ArrayViewD<'_, i64>, stack: &MatrixStack<'_, T
         };
         return Err(Error::invalid("tokens", expected, format!("shape {}", shape_str(shape))));
     }
-    let group_shape = &shape[..shape.len() - 1];
-    let group_of = group_of_heads("tokens", stack.lead(), group_shape)?;
-    let chains = token_rows(tokens).map(|row| TokenChain::new(&row.to_vec())).collect();
-    Ok((chains, group_of))
+    group_of_heads("tokens", stack.lead(), &shape[..shape.len() - 1])
 }
 
 /// The rows of a `[n]` or `[g, n]` token array.
@@ -119,97 +168,126 @@ fn token_rows<'a>(tokens: &'a ArrayViewD<'_, i64>) -> Box<dyn Iterator<Item = Ar
     }
 }
 
-/// Every (head, row range) task, in output order.
+/// Every (head, row range) block, in output order. Fixed-size blocks (never derived from the
+/// thread count) keep partial sums, and so results, reproducible.
 fn row_blocks(n_heads: usize, n: usize) -> Vec<(usize, Range<usize>)> {
     (0..n_heads)
         .flat_map(|h| (0..n).step_by(BLOCK_ROWS).map(move |s| (h, s..(s + BLOCK_ROWS).min(n))))
         .collect()
 }
 
-/// Reads A[i, j], rejecting NaN and infinities with the element's full index.
-#[inline]
-fn read<T: Real>(stack: &MatrixStack<'_, T>, a: &ArrayView2<'_, T>, h: usize, i: usize, j: usize) -> Result<f64> {
-    let v = a[[i, j]].to_f64();
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(non_finite(stack, h, i, j, v))
-    }
-}
-
 fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize, v: f64) -> Error {
     Error::invalid("patterns", "finite values", format!("{v} at index {}", stack.index_str(h, i, j)))
 }
 
-/// Per-query values `[kinds, rows]` for one block of one head.
+/// The error for the first non-finite entry among `columns` of row i (called once a sum over
+/// them came out non-finite, so the hot loops need no per-entry check).
+fn first_non_finite<T: Real>(
+    stack: &MatrixStack<'_, T>,
+    a: &Matrix<'_, T>,
+    h: usize,
+    i: usize,
+    columns: impl IntoIterator<Item = usize>,
+) -> Error {
+    let j = columns.into_iter().find(|&j| !a.get(i, j).to_f64().is_finite()).unwrap_or(0);
+    non_finite(stack, h, i, j, a.get(i, j).to_f64())
+}
+
+/// Scores the rows of one block: writes per-query values into `out` (one slice per kind, when
+/// given) and returns each kind's (sum, count) over eligible rows (i >= 1, T(i) non-empty).
 fn score_rows<T: Real>(
     stack: &MatrixStack<'_, T>,
     h: usize,
     rows: Range<usize>,
     targets: &[Option<Targets>],
     options: ScoreOptions,
-) -> Result<Vec<f64>> {
+    out: &mut [&mut [f64]],
+) -> Result<Partial> {
     let a = stack.head(h);
+    let start = rows.start;
+    let first_key = usize::from(options.exclude_bos);
     let len = rows.len();
-    let mut out = vec![f64::NAN; targets.len() * len];
-    for (r, i) in rows.enumerate() {
-        // Multiplier of A[i, j>=1] after renormalising without key 0.
-        let scale = if options.exclude_bos {
-            let rest = 1.0 - read(stack, &a, h, i, 0)?;
-            if rest > 0.0 { 1.0 / rest } else { 0.0 }
-        } else {
-            1.0
-        };
-        let first_key = usize::from(options.exclude_bos);
-        for (k, t) in targets.iter().enumerate() {
-            let value = match t {
-                Some(t) => target_mass(stack, &a, h, i, t, first_key)?.map(|m| m * scale),
-                None => Some(row_entropy(stack, &a, h, i, first_key, scale)?),
-            };
-            if i >= 1 {
-                out[k * len + r] = value.unwrap_or(f64::NAN);
+    let mut scales = [1.0f64; BLOCK_ROWS];
+    if options.exclude_bos {
+        bos_scales(stack, &a, h, rows.clone(), &mut scales)?;
+    }
+    let mut partial = vec![(0.0, 0usize); targets.len()];
+    // Per-row target mass and target count of the current kind.
+    let mut mass = [0.0f64; BLOCK_ROWS];
+    let mut hits = [0u32; BLOCK_ROWS];
+    for (k, t) in targets.iter().enumerate() {
+        let mut emit = |i: usize, value: f64| {
+            partial[k].0 += value;
+            partial[k].1 += 1;
+            if let Some(o) = out.get_mut(k) {
+                o[i - start] = value;
             }
+        };
+        let Some(t) = t else {
+            for i in rows.start.max(1)..rows.end {
+                emit(i, row_entropy(stack, &a, h, i, first_key, scales[i - start])?);
+            }
+            continue;
+        };
+        mass[..len].fill(0.0);
+        hits[..len].fill(0);
+        t.for_each_in_rows(
+            rows.clone(),
+            |i, j| a.prefetch(i, j),
+            |i, j, w| {
+                if j >= first_key {
+                    mass[i - start] += w * a.get(i, j).to_f64();
+                    hits[i - start] += 1;
+                }
+            },
+        );
+        // Query 0 is never eligible. A non-finite entry makes its row's mass non-finite.
+        for i in rows.start.max(1)..rows.end {
+            let r = i - start;
+            if hits[r] == 0 {
+                continue;
+            }
+            if !mass[r].is_finite() {
+                let mut columns = Vec::new();
+                t.for_each(i, |j, _| columns.push(j));
+                return Err(first_non_finite(stack, &a, h, i, columns));
+            }
+            emit(i, mass[r] * scales[r]);
         }
     }
-    Ok(out)
+    Ok(partial)
 }
 
-/// sum_{j in T(i), j >= first_key} w_j A[i, j], or None when no such target exists.
-fn target_mass<T: Real>(
+/// Per row of the block, the factor that renormalises A[i, j >= 1] without key 0:
+/// 1 / (1 - A[i, 0]), or 0 for a row with no mass outside key 0.
+fn bos_scales<T: Real>(
     stack: &MatrixStack<'_, T>,
-    a: &ArrayView2<'_, T>,
+    a: &Matrix<'_, T>,
     h: usize,
-    i: usize,
-    targets: &Targets,
-    first_key: usize,
-) -> Result<Option<f64>> {
-    let (mut sum, mut count, mut bad) = (0.0, 0usize, None);
-    targets.for_each(i, |j, w| {
-        if j >= first_key && bad.is_none() {
-            match read(stack, a, h, i, j) {
-                Ok(v) => sum += w * v,
-                Err(e) => bad = Some(e),
-            }
-            count += 1;
+    rows: Range<usize>,
+    scales: &mut [f64; BLOCK_ROWS],
+) -> Result<()> {
+    for (scale, i) in scales.iter_mut().zip(rows) {
+        let bos = a.get(i, 0).to_f64();
+        if !bos.is_finite() {
+            return Err(non_finite(stack, h, i, 0, bos));
         }
-    });
-    match bad {
-        Some(e) => Err(e),
-        None => Ok((count > 0).then_some(sum)),
+        *scale = if bos < 1.0 { 1.0 / (1.0 - bos) } else { 0.0 };
     }
+    Ok(())
 }
 
 /// -sum_j p log p over keys j >= first_key of row i, with p = scale * A[i, j] (0 log 0 = 0).
 fn row_entropy<T: Real>(
     stack: &MatrixStack<'_, T>,
-    a: &ArrayView2<'_, T>,
+    a: &Matrix<'_, T>,
     h: usize,
     i: usize,
     first_key: usize,
     scale: f64,
 ) -> Result<f64> {
     let mut entropy = 0.0;
-    for (j, v) in a.row(i).iter().enumerate().skip(first_key) {
+    for (j, v) in a.row(i).enumerate().skip(first_key) {
         let v = v.to_f64();
         if !v.is_finite() {
             return Err(non_finite(stack, h, i, j, v));
@@ -278,13 +356,7 @@ pub fn detection_scores<T: Real>(
         }
         Detection::Kind(kind) => {
             kind.check_range(n)?;
-            let (chains, group_of) = match (&tokens, kind.needs_tokens()) {
-                (Some(t), _) => token_chains(t, &stack)?,
-                (None, true) => {
-                    return Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None"))
-                }
-                (None, false) => (Vec::new(), vec![0; stack.n_heads()]),
-            };
+            let (group_of, chains) = token_tables(&stack, tokens.as_ref(), kind.needs_tokens().then_some(kind))?;
             (Some(kind), chains, Vec::new(), group_of)
         }
         Detection::Matrices(d) => {
@@ -341,38 +413,30 @@ fn detection_rows<T: Real>(
     options: DetectionOptions,
 ) -> Result<(f64, f64)> {
     let a = stack.head(h);
-    let zeroed = |i: usize, j: usize| (options.exclude_bos && j == 0) || (options.exclude_current_token && j == i);
+    let n = stack.n();
+    let first = usize::from(options.exclude_bos);
+    let zeroed = |i: usize, j: usize| j < first || (options.exclude_current_token && j == i);
     let (mut matched_total, mut row_total) = (0.0, 0.0);
     let abs = measure == Measure::Abs;
     for i in rows {
-        let full = row_sum(a.row(i), abs);
-        if !full.is_finite() {
-            let j = a.row(i).iter().position(|v| !v.to_f64().is_finite()).unwrap_or(0);
-            return Err(non_finite(stack, h, i, j, a[[i, j]].to_f64()));
+        // Sum only the kept entries: subtracting the zeroed ones from a full sum would cancel
+        // catastrophically when they hold nearly all the mass.
+        let kept = if options.exclude_current_token && i >= first {
+            range_sum(&a, i, first..i, abs) + range_sum(&a, i, i + 1..n, abs)
+        } else {
+            range_sum(&a, i, first..n, abs)
+        };
+        if !kept.is_finite() {
+            return Err(first_non_finite(stack, &a, h, i, (0..n).filter(|&j| !zeroed(i, j))));
         }
-        // Remove the zeroed columns (the diagonal only once when it is column 0).
-        let entry = |j: usize| if abs { a[[i, j]].to_f64().abs() } else { a[[i, j]].to_f64() };
-        let mut kept = full;
-        if zeroed(i, 0) {
-            kept -= entry(0);
-        }
-        if i != 0 && zeroed(i, i) {
-            kept -= entry(i);
-        }
+        // Entries read below are finite: the kept sum was.
         let mut matched = 0.0;
-        let mut bad = None;
         targets.for_each(i, |j, w| {
-            if !zeroed(i, j) && bad.is_none() {
-                match read(stack, &a, h, i, j) {
-                    Ok(v) if abs => matched += (v - w).abs() - v.abs(),
-                    Ok(v) => matched += v * w,
-                    Err(e) => bad = Some(e),
-                }
+            if !zeroed(i, j) {
+                let v = a.get(i, j).to_f64();
+                matched += if abs { (v - w).abs() - v.abs() } else { v * w };
             }
         });
-        if let Some(e) = bad {
-            return Err(e);
-        }
         match measure {
             Measure::Mul => {
                 matched_total += matched;
@@ -384,12 +448,13 @@ fn detection_rows<T: Real>(
     Ok((matched_total, row_total))
 }
 
-/// Sum (or sum of absolute values) of a row in f64, eight independent lanes for contiguous rows
-/// so the loop vectorises; the lane order is fixed, so the result is too.
-fn row_sum<T: Real>(row: ArrayView1<'_, T>, abs: bool) -> f64 {
+/// Sum (or sum of absolute values) of A[i, cols] in f64, eight independent lanes for contiguous
+/// rows so the loop vectorises; the lane order is fixed, so the result is too.
+fn range_sum<T: Real>(a: &Matrix<'_, T>, i: usize, cols: Range<usize>, abs: bool) -> f64 {
     let f = |v: T| if abs { v.to_f64().abs() } else { v.to_f64() };
-    match row.as_slice() {
-        Some(s) => {
+    match a.row_slice(i) {
+        Some(row) => {
+            let s = &row[cols];
             let mut lanes = [0.0f64; 8];
             let chunks = s.chunks_exact(8);
             let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
@@ -400,6 +465,96 @@ fn row_sum<T: Real>(row: ArrayView1<'_, T>, abs: bool) -> f64 {
             }
             lanes.iter().sum::<f64>() + tail
         }
-        None => row.iter().map(|&v| f(v)).sum(),
+        None => cols.map(|j| f(a.get(i, j))).sum(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{arr1, arr2, Array, ArrayD};
+
+    /// Uniform causal attention: A[i, j] = 1 / (i + 1) for j <= i.
+    fn uniform(n: usize) -> ArrayD<f64> {
+        Array::from_shape_fn((n, n), |(i, j)| if j <= i { 1.0 / (i + 1) as f64 } else { 0.0 }).into_dyn()
+    }
+
+    #[test]
+    fn per_query_values_follow_the_target_table() {
+        let a = uniform(4);
+        let tokens = arr1(&[7i64, 5, 7, 5]).into_dyn();
+        let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction];
+        let q = per_query_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions::default()).unwrap();
+        assert_eq!(q.shape(), &[3, 4]);
+        let row = |k: usize| q.index_axis(ndarray::Axis(0), k).iter().copied().collect::<Vec<f64>>();
+        let nan = f64::NAN;
+        let same = |x: Vec<f64>, y: [f64; 4]| x.iter().zip(y).all(|(a, b)| a == &b || (a.is_nan() && b.is_nan()));
+        assert!(same(row(0), [nan, 0.5, 1.0 / 3.0, 0.25]));
+        assert!(same(row(1), [nan, nan, 1.0 / 3.0, 0.25]));
+        assert!(same(row(2), [nan, nan, 1.0 / 3.0, 0.25]));
+        let means = head_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions::default()).unwrap();
+        assert!((means[[0]] - (0.5 + 1.0 / 3.0 + 0.25) / 3.0).abs() < 1e-15);
+        assert!((means[[1]] - (1.0 / 3.0 + 0.25) / 2.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn exclude_bos_renormalises_rows_and_drops_key_zero() {
+        let a = arr2(&[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.25, 0.25]]).into_dyn();
+        let options = ScoreOptions { exclude_bos: true };
+        let s = head_scores(a.view(), None, &[Kind::PreviousToken, Kind::Bos, Kind::SelfToken], options).unwrap();
+        // previous_token: row 1's target is key 0 (dropped); row 2: 0.25 / 0.5.
+        assert_eq!(s[[0]], 0.5);
+        assert!(s[[1]].is_nan());
+        assert_eq!(s[[2]], (1.0 + 0.5) / 2.0);
+    }
+
+    #[test]
+    fn missing_tokens_and_bad_offsets_are_named_errors() {
+        let a = uniform(3);
+        let err = head_scores(a.view(), None, &[Kind::Induction], ScoreOptions::default()).unwrap_err();
+        assert_eq!(err.arg, "tokens");
+        let err = head_scores(a.view(), None, &[Kind::Offset(3)], ScoreOptions::default()).unwrap_err();
+        assert_eq!(err.arg, "offset");
+        let short = arr1(&[1i64, 2]).into_dyn();
+        let err = head_scores(a.view(), Some(short.view()), &[Kind::Bos], ScoreOptions::default()).unwrap_err();
+        assert_eq!(err.arg, "tokens");
+        let mut bad = uniform(3);
+        bad[[2, 1]] = f64::NAN;
+        let err = head_scores(bad.view(), None, &[Kind::PreviousToken], ScoreOptions::default()).unwrap_err();
+        assert!(err.got.contains("(2, 1)"), "{err}");
+    }
+
+    #[test]
+    fn detection_matches_the_transformer_lens_formulas() {
+        let a = uniform(3);
+        let mul = detection_scores(a.view(), Detection::Kind(Kind::PreviousToken), None, Measure::Mul, DetectionOptions::default()).unwrap();
+        // sum(A * D) / sum(A) = (1/2 + 1/3) / 3.
+        assert!((mul[[]] - (0.5 + 1.0 / 3.0) / 3.0).abs() < 1e-15);
+        let abs = detection_scores(a.view(), Detection::Kind(Kind::PreviousToken), None, Measure::Abs, DetectionOptions::default()).unwrap();
+        // |A - D| row sums: 1, 1, 4/3 -> 1 - (10/3) / 3.
+        assert!((abs[[]] - (1.0 - (10.0 / 3.0) / 3.0)).abs() < 1e-15);
+        let d = arr2(&[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).into_dyn();
+        let explicit = detection_scores(a.view(), Detection::Matrices(d.view()), None, Measure::Mul, DetectionOptions::default()).unwrap();
+        assert_eq!(explicit, mul);
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let n = 600; // several row blocks per head
+        let a = Array::from_shape_fn((3, n, n), |(h, i, j)| if j <= i { ((h * 31 + i * 7 + j * 13) % 17) as f32 + 0.5 } else { 0.0 }).into_dyn();
+        let tokens = Array::from_shape_fn(n, |i| (i % 37) as i64).into_dyn();
+        let kinds = [Kind::PreviousToken, Kind::Induction, Kind::Entropy];
+        let run = || {
+            let s = head_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions { exclude_bos: true }).unwrap();
+            let d = detection_scores(a.view(), Detection::Kind(Kind::Induction), Some(tokens.view()), Measure::Abs, DetectionOptions::default()).unwrap();
+            (s, d)
+        };
+        let _guard = threads::RESIZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        threads::set_num_threads(1).unwrap();
+        let one = run();
+        threads::set_num_threads(2).unwrap();
+        let two = run();
+        assert_eq!(one.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), two.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(one.1, two.1);
     }
 }

@@ -2,7 +2,9 @@
 //! any strides, and the mapping from a flat head index to groups that broadcast against `lead`
 //! (one token row per batch element, one detection matrix for all heads, ...).
 
-use ndarray::{ArrayView2, ArrayViewD, Axis, Ix2};
+use std::marker::PhantomData;
+
+use ndarray::ArrayViewD;
 
 use crate::error::{shape_str, Error, Result};
 
@@ -67,13 +69,27 @@ impl<'a, T: Real> MatrixStack<'a, T> {
         self.lead.iter().product()
     }
 
-    /// The `[n, n]` matrix of flat head `h`.
-    pub fn head(&self, h: usize) -> ArrayView2<'_, T> {
-        let mut v = self.view.view();
-        for ix in unravel(h, &self.lead) {
-            v.index_axis_inplace(Axis(0), ix);
+    /// The `[n, n]` matrix of flat head `h` (h < n_heads). Plain arithmetic on strides, no
+    /// allocation: kernels call this once per block of rows.
+    pub fn head(&self, h: usize) -> Matrix<'_, T> {
+        assert!(h < self.n_heads(), "head {h} out of range");
+        let strides = self.view.strides();
+        let mut offset = 0isize;
+        let mut rest = h;
+        for (axis, &dim) in self.lead.iter().enumerate().rev() {
+            offset += (rest % dim) as isize * strides[axis];
+            rest /= dim;
         }
-        v.into_dimensionality::<Ix2>().expect("a MatrixStack head is two-dimensional")
+        let k = strides.len();
+        Matrix {
+            // SAFETY: the index (h's multi-index, 0, 0) lies inside the view's shape, so the
+            // offset stays inside the allocation the view borrows.
+            ptr: unsafe { self.view.as_ptr().offset(offset) },
+            n: self.n,
+            row_stride: strides[k - 2],
+            col_stride: strides[k - 1],
+            _borrow: PhantomData,
+        }
     }
 
     /// Multi-index `[*lead_index, i, j]` of an element, for error messages.
@@ -81,6 +97,67 @@ impl<'a, T: Real> MatrixStack<'a, T> {
         let mut ix = unravel(h, &self.lead);
         ix.extend([i, j]);
         shape_str(&ix).replace(",)", ")")
+    }
+}
+
+/// One `[n, n]` matrix of a stack, any strides (negative included), read-only.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a, T> {
+    ptr: *const T,
+    n: usize,
+    row_stride: isize,
+    col_stride: isize,
+    _borrow: PhantomData<&'a T>,
+}
+
+// SAFETY: a Matrix only reads through its pointer, like the `&'a T` it stands for.
+unsafe impl<T: Sync> Send for Matrix<'_, T> {}
+unsafe impl<T: Sync> Sync for Matrix<'_, T> {}
+
+impl<'a, T: Real> Matrix<'a, T> {
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// A[i, j]; panics when out of range (a bug in the caller, never bad input).
+    #[inline(always)]
+    pub fn get(&self, i: usize, j: usize) -> T {
+        assert!(i < self.n && j < self.n, "index ({i}, {j}) out of range for n = {}", self.n);
+        // SAFETY: both indices are in range, so the offset addresses an element of the view.
+        unsafe { *self.ptr.offset(i as isize * self.row_stride + j as isize * self.col_stride) }
+    }
+
+    /// Hints the CPU to start loading A[i, j]: scattered reads (one row per page) are otherwise
+    /// latency-bound, since hardware prefetchers do not cross pages.
+    #[inline(always)]
+    pub fn prefetch(&self, i: usize, j: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if i < self.n && j < self.n {
+            let offset = i as isize * self.row_stride + j as isize * self.col_stride;
+            // SAFETY: in range as above; a prefetch never faults and reads nothing observable.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(self.ptr.offset(offset) as *const i8);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (i, j);
+    }
+
+    /// Row i as a slice when its elements are adjacent in memory.
+    #[inline]
+    pub fn row_slice(&self, i: usize) -> Option<&'a [T]> {
+        assert!(i < self.n, "row {i} out of range for n = {}", self.n);
+        (self.col_stride == 1 || self.n <= 1).then(|| {
+            // SAFETY: row i's n elements are contiguous (stride 1) and inside the view.
+            unsafe { std::slice::from_raw_parts(self.ptr.offset(i as isize * self.row_stride), self.n) }
+        })
+    }
+
+    /// The elements of row i, in column order, whatever the strides.
+    #[inline]
+    pub fn row(&self, i: usize) -> impl Iterator<Item = T> + '_ {
+        (0..self.n).map(move |j| self.get(i, j))
     }
 }
 
@@ -128,8 +205,22 @@ mod tests {
         let a = Array::from_shape_fn(IxDyn(&[2, 3, 4, 4]), |ix| (ix[0] * 100 + ix[1] * 10 + ix[2]) as f64);
         let stack = MatrixStack::new("patterns", a.view()).unwrap();
         assert_eq!(stack.n_heads(), 6);
-        assert_eq!(stack.head(4)[[2, 0]], 112.0);
+        assert_eq!(stack.head(4).get(2, 0), 112.0);
         assert_eq!(stack.index_str(4, 2, 0), "(1, 1, 2, 0)");
+        // Negative and permuted strides address the same elements as ndarray does.
+        let mut flipped = a.view();
+        flipped.invert_axis(ndarray::Axis(1));
+        flipped.invert_axis(ndarray::Axis(3));
+        let flipped = flipped.permuted_axes(IxDyn(&[1, 0, 3, 2]));
+        let stack = MatrixStack::new("patterns", flipped.clone()).unwrap();
+        for h in 0..6 {
+            let ix = unravel(h, &[3, 2]);
+            for (i, j) in [(0, 0), (1, 3), (3, 2)] {
+                assert_eq!(stack.head(h).get(i, j), flipped[[ix[0], ix[1], i, j]]);
+            }
+            assert!(stack.head(h).row_slice(0).is_none());
+            assert_eq!(stack.head(h).row(1).collect::<Vec<_>>(), flipped.slice(ndarray::s![ix[0], ix[1], 1, ..]).to_vec());
+        }
     }
 
     #[test]

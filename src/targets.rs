@@ -14,9 +14,10 @@
 //! matrices become sparse weighted rows, so a pass never re-reads a dense n×n mask.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::str::FromStr;
 
-use ndarray::ArrayView2;
+use crate::stack::Matrix;
 
 use crate::error::{Error, Result};
 
@@ -79,8 +80,9 @@ impl FromStr for Kind {
             "bos" => Kind::Bos,
             "self" => Kind::SelfToken,
             "entropy" => Kind::Entropy,
+            // Only the canonical spelling, so results are keyed exactly as requested.
             _ => match s.strip_prefix("offset_").map(str::parse::<usize>) {
-                Some(Ok(d)) => Kind::Offset(d),
+                Some(Ok(d)) if Kind::Offset(d).name() == s => Kind::Offset(d),
                 _ => return Err(Error::invalid("kinds", format!("one of {}", Kind::NAMES), format!("{s:?}"))),
             },
         };
@@ -120,10 +122,10 @@ pub struct SparseRows {
 
 impl SparseRows {
     /// Keeps the non-zero entries of `d`; non-finite entries are rejected.
-    pub fn from_dense(arg: &'static str, d: ArrayView2<'_, f64>) -> Result<Self> {
+    pub fn from_dense(arg: &'static str, d: Matrix<'_, f64>) -> Result<Self> {
         let mut rows = SparseRows { starts: vec![0], keys: Vec::new(), weights: Vec::new() };
-        for (i, row) in d.outer_iter().enumerate() {
-            for (j, &w) in row.iter().enumerate() {
+        for i in 0..d.n() {
+            for (j, w) in d.row(i).enumerate() {
                 if !w.is_finite() {
                     return Err(Error::invalid(arg, "finite values", format!("{w} at row {i}, column {j}")));
                 }
@@ -167,21 +169,54 @@ impl<'a> Targets<'a> {
     /// Calls `visit(j, weight)` for every target key j of query i (all j <= i but for Sparse).
     #[inline]
     pub fn for_each(&self, i: usize, mut visit: impl FnMut(usize, f64)) {
+        self.for_each_in_rows(i..i + 1, |_, _| {}, |_, j, w| visit(j, w))
+    }
+
+    /// Calls `visit(i, j, weight)` for every query i in `rows` (in increasing order) and target
+    /// key j of it, and before row i, `ahead(i + LOOKAHEAD_ROWS, j')` with the first target j' of
+    /// that later row (when it is inside `rows`), so callers can prefetch scattered entries. The
+    /// kind is matched once per call, so each arm is a tight loop over rows.
+    #[inline]
+    pub fn for_each_in_rows(
+        &self,
+        rows: Range<usize>,
+        mut ahead: impl FnMut(usize, usize),
+        mut visit: impl FnMut(usize, usize, f64),
+    ) {
+        let later = |i: usize| Some(i + LOOKAHEAD_ROWS).filter(|&l| l < rows.end);
         match *self {
             Targets::Offset(d) => {
-                if i >= d {
-                    visit(i - d, 1.0)
+                for i in rows.start.max(d)..rows.end {
+                    if let Some(l) = later(i) {
+                        ahead(l, l - d);
+                    }
+                    visit(i, i - d, 1.0);
                 }
             }
-            Targets::Bos => visit(0, 1.0),
-            Targets::Chain { chain, shift } => chain.earlier(i).for_each(|p| visit(p + shift, 1.0)),
-            Targets::Sparse(rows) => {
-                let span = rows.starts[i]..rows.starts[i + 1];
-                rows.keys[span.clone()].iter().zip(&rows.weights[span]).for_each(|(&j, &w)| visit(j, w));
+            Targets::Bos => rows.clone().for_each(|i| visit(i, 0, 1.0)),
+            Targets::Chain { chain, shift } => {
+                for i in rows.clone() {
+                    if let Some((l, p)) = later(i).and_then(|l| chain.earlier(l).next().map(|p| (l, p))) {
+                        ahead(l, p + shift);
+                    }
+                    chain.earlier(i).for_each(|p| visit(i, p + shift, 1.0));
+                }
+            }
+            Targets::Sparse(sparse) => {
+                for i in rows.clone() {
+                    let span = sparse.starts[i]..sparse.starts[i + 1];
+                    for (&j, &w) in sparse.keys[span.clone()].iter().zip(&sparse.weights[span]) {
+                        visit(i, j, w);
+                    }
+                }
             }
         }
     }
 }
+
+/// How many rows ahead `for_each_in_rows` announces targets: enough loads in flight to hide
+/// memory latency when every row sits on its own page.
+pub const LOOKAHEAD_ROWS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -230,6 +265,7 @@ mod tests {
         for k in [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction, Kind::Bos, Kind::SelfToken, Kind::Entropy, Kind::Offset(7)] {
             assert_eq!(k.name().parse::<Kind>().unwrap(), k);
         }
+        assert!("offset_+2".parse::<Kind>().is_err() && "offset_03".parse::<Kind>().is_err());
         let err = "inducton".parse::<Kind>().unwrap_err().to_string();
         assert!(err.starts_with("kinds:") && err.contains("\"inducton\""), "{err}");
         assert!(Kind::Offset(4).check_range(4).is_err());
@@ -239,13 +275,15 @@ mod tests {
 
     #[test]
     fn sparse_rows_keep_nonzeros_and_reject_nan() {
-        let d = ndarray::arr2(&[[0.0, 0.0], [1.0, 0.5]]);
-        let rows = SparseRows::from_dense("detection", d.view()).unwrap();
+        let d = ndarray::arr2(&[[0.0, 0.0], [1.0, 0.5]]).into_dyn();
+        let d = crate::stack::MatrixStack::new("detection", d.view()).unwrap();
+        let rows = SparseRows::from_dense("detection", d.head(0)).unwrap();
         let t = Targets::Sparse(&rows);
         let mut seen = Vec::new();
         t.for_each(1, |j, w| seen.push((j, w)));
         assert_eq!(seen, vec![(0, 1.0), (1, 0.5)]);
-        let bad = ndarray::arr2(&[[f64::NAN]]);
-        assert!(SparseRows::from_dense("detection", bad.view()).is_err());
+        let bad = ndarray::arr2(&[[f64::NAN]]).into_dyn();
+        let bad = crate::stack::MatrixStack::new("detection", bad.view()).unwrap();
+        assert!(SparseRows::from_dense("detection", bad.head(0)).is_err());
     }
 }

@@ -71,12 +71,17 @@ pub fn get_num_threads() -> usize {
     current().current_num_threads()
 }
 
+/// Serialises the unit tests that resize the global pool (cargo runs tests in parallel).
+#[cfg(test)]
+pub static RESIZE_LOCK: Mutex<()> = Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn set_and_get_threads() {
+        let _guard = RESIZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         assert!(set_num_threads(0).is_err());
         set_num_threads(2).unwrap();
         assert_eq!(get_num_threads(), 2);

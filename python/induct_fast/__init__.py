@@ -5,7 +5,7 @@ TransformerLens ``head_detector`` parity, computed by a multi-threaded Rust core
 GIL. Importing the package needs only numpy.
 """
 
-from ._core import __version__, get_num_threads, set_num_threads
+from ._core import __version__, get_num_threads
 from .scores import (
     DEFAULT_KINDS,
     KINDS,
@@ -17,6 +17,16 @@ from .scores import (
     previous_token_scores,
 )
 from .tokens import repeated_tokens
+from ._arrays import as_count as _as_count
+from . import _core
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads (>= 1) in every later call. Results do not depend on it."""
+    n = _as_count(n, "n", 1)
+    if n > 65536:
+        raise ValueError(f"n: expected a number of threads in 1..=65536, got {n}")
+    _core.set_num_threads(n)
 
 __all__ = [
     "DEFAULT_KINDS",

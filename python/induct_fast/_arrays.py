@@ -3,6 +3,7 @@ dtype checks with messages that name the argument. Kernels live in Rust; nothing
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,8 @@ def as_float_array(x: Any, name: str) -> np.ndarray:
         return arr.astype(np.float64)
     if not arr.dtype.isnative:
         return arr.astype(arr.dtype.newbyteorder("="))
+    if not arr.flags.aligned:  # the Rust side may only read aligned elements
+        return arr.copy()
     return arr
 
 
@@ -63,4 +66,18 @@ def as_tokens(tokens: Any, name: str = "tokens") -> np.ndarray | None:
         raise TypeError(f"{name}: expected an integer array of token ids, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2):
         raise ValueError(f"{name}: expected shape (n,) or (batch, n), got shape {arr.shape}")
-    return np.ascontiguousarray(arr.astype(np.int64, copy=False))
+    arr = np.ascontiguousarray(arr.astype(np.int64, copy=False))
+    return arr if arr.flags.aligned else arr.copy()
+
+
+def as_count(value: Any, name: str, minimum: int) -> int:
+    """A Python int >= minimum, with a TypeError/ValueError naming `name` otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got bool {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
+    if count < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {count}")
+    return count

@@ -15,8 +15,8 @@ def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: Optional[
     ndarray of int64, shape (batch, 1 + 2 * period) (no leading BOS column if ``bos`` is None)
 
     Tokens of a block are drawn from ``range(vocab_size)`` without the BOS id, distinct within the
-    block while the vocabulary allows it, so on these prompts induction == offset ``period - 1``
-    and duplicate_token == offset ``period`` exactly.
+    block while the vocabulary allows it, so for every query of the repeated half the induction
+    target is exactly offset ``period - 1`` and the duplicate-token target offset ``period``.
     """
     for name, value in (("batch", batch), ("period", period), ("vocab_size", vocab_size)):
         if int(value) != value or value < 1:

@@ -1,0 +1,32 @@
+"""Type stubs for the Rust extension. Call the wrappers in induct_fast.scores instead: they
+normalise dtypes and give friendly errors; these take prepared arrays only."""
+
+from typing import Optional
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def head_scores(
+    patterns: npt.NDArray[np.floating],
+    tokens: Optional[npt.NDArray[np.int64]],
+    kinds: list[str],
+    exclude_bos: bool,
+    per_query: bool,
+) -> npt.NDArray[np.float64]:
+    """[len(kinds), *lead, n] per-query scores, or [len(kinds), *lead] means."""
+
+def detection_scores(
+    patterns: npt.NDArray[np.floating],
+    kind: Optional[str],
+    matrices: Optional[npt.NDArray[np.float64]],
+    tokens: Optional[npt.NDArray[np.int64]],
+    measure: str,
+    exclude_bos: bool,
+    exclude_current_token: bool,
+) -> npt.NDArray[np.float64]:
+    """[*lead] TransformerLens head_detector scores against a kind or explicit matrices."""
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...

@@ -9,6 +9,10 @@
 //!
 //! Work is split into blocks of [`BLOCK_ROWS`] rows of one head; each block is summed in row
 //! order and blocks are combined in order, so results do not depend on the number of threads.
+//!
+//! The per-query logic (targets j >= first_key, eligibility, exclude_bos renormalisation,
+//! entropy) is `query_values` over a `QueryRow`; `attention::scores_from_qk` implements that
+//! trait for rows it never stores, so both kernels score a row the same way.
 
 use std::ops::Range;
 
@@ -46,19 +50,9 @@ pub fn per_query_scores<T: Real>(
     for &kind in kinds {
         kind.check_range(n)?;
     }
-    let needs_tokens = kinds.iter().any(|k| k.needs_tokens());
-    let (chains, group_of) = match (&tokens, needs_tokens) {
-        (Some(t), true) => token_chains(t, &stack)?,
-        (None, true) => {
-            let kind = kinds.iter().find(|k| k.needs_tokens()).unwrap().name();
-            return Err(Error::invalid("tokens", format!("a token array, which kind {kind:?} needs"), "None"));
-        }
-        // Tokens that no kind reads are still checked, so a mismatch never passes silently.
-        (Some(t), false) => (Vec::new(), token_chains(t, &stack)?.1),
-        (None, false) => (Vec::new(), vec![0; stack.n_heads()]),
-    };
+    let (chains, group_of) = token_groups(tokens.as_ref(), kinds, stack.lead(), n, "the patterns")?;
 
-    let blocks = row_blocks(stack.n_heads(), n);
+    let blocks = row_blocks(stack.n_heads(), n, BLOCK_ROWS);
     let results: Vec<Vec<f64>> = threads::install(|| {
         blocks
             .par_iter()
@@ -70,18 +64,7 @@ pub fn per_query_scores<T: Real>(
             .collect::<Result<_>>()
     })?;
 
-    let n_heads = stack.n_heads();
-    let mut out = vec![f64::NAN; kinds.len() * n_heads * n];
-    for ((h, rows), values) in blocks.iter().zip(&results) {
-        for k in 0..kinds.len() {
-            let dst = k * n_heads * n + h * n + rows.start;
-            out[dst..dst + rows.len()].copy_from_slice(&values[k * rows.len()..(k + 1) * rows.len()]);
-        }
-    }
-    let mut shape = vec![kinds.len()];
-    shape.extend_from_slice(stack.lead());
-    shape.push(n);
-    Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("output length matches its shape"))
+    Ok(assemble_per_query(&blocks, &results, kinds.len(), stack.lead(), n))
 }
 
 /// Mean over the last axis of the eligible (non-NaN) entries; NaN where none is eligible.
@@ -93,19 +76,39 @@ pub fn mean_scores(per_query: ArrayViewD<'_, f64>) -> ArrayD<f64> {
     })
 }
 
+/// The token chains a set of kinds needs, and the chain of every flat head over `lead`.
+///
+/// Token kinds without `tokens` are an error; tokens that no kind reads are still checked, so a
+/// mismatch never passes silently. Without tokens every head maps to group 0 (no chains).
+/// `source` names what `lead` and `n` come from in error messages ("the patterns", "q").
+pub(crate) fn token_groups(
+    tokens: Option<&ArrayViewD<'_, i64>>,
+    kinds: &[Kind],
+    lead: &[usize],
+    n: usize,
+    source: &str,
+) -> Result<(Vec<TokenChain>, Vec<usize>)> {
+    let needs_tokens = kinds.iter().find(|k| k.needs_tokens());
+    match (tokens, needs_tokens) {
+        (Some(t), Some(_)) => token_chains(t, lead, n, source),
+        (None, Some(kind)) => Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None")),
+        (Some(t), None) => Ok((Vec::new(), token_chains(t, lead, n, source)?.1)),
+        (None, None) => Ok((Vec::new(), vec![0; lead.iter().product()])),
+    }
+}
+
 /// `[*lead, n]` token rows as one chain per row plus the token row of every head.
-fn token_chains<T: Real>(tokens: &ArrayViewD<'_, i64>, stack: &MatrixStack<'_, T>) -> Result<(Vec<TokenChain>, Vec<usize>)> {
+fn token_chains(tokens: &ArrayViewD<'_, i64>, lead: &[usize], n: usize, source: &str) -> Result<(Vec<TokenChain>, Vec<usize>)> {
     let shape = tokens.shape();
-    let n = stack.n();
     if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
-        let expected = match stack.lead().first() {
-            Some(b) => format!("shape ({n},) or ({b}, {n}) to match the patterns"),
-            None => format!("shape ({n},) to match the patterns"),
+        let expected = match lead.first() {
+            Some(b) => format!("shape ({n},) or ({b}, {n}) to match {source}"),
+            None => format!("shape ({n},) to match {source}"),
         };
         return Err(Error::invalid("tokens", expected, format!("shape {}", shape_str(shape))));
     }
     let group_shape = &shape[..shape.len() - 1];
-    let group_of = group_of_heads("tokens", stack.lead(), group_shape)?;
+    let group_of = group_of_heads("tokens", lead, group_shape)?;
     let chains = token_rows(tokens).map(|row| TokenChain::new(&row.to_vec())).collect();
     Ok((chains, group_of))
 }
@@ -119,11 +122,33 @@ fn token_rows<'a>(tokens: &'a ArrayViewD<'_, i64>) -> Box<dyn Iterator<Item = Ar
     }
 }
 
-/// Every (head, row range) task, in output order.
-fn row_blocks(n_heads: usize, n: usize) -> Vec<(usize, Range<usize>)> {
+/// Every (head, row range) task, in output order, `rows` rows per task.
+pub(crate) fn row_blocks(n_heads: usize, n: usize, rows: usize) -> Vec<(usize, Range<usize>)> {
     (0..n_heads)
-        .flat_map(|h| (0..n).step_by(BLOCK_ROWS).map(move |s| (h, s..(s + BLOCK_ROWS).min(n))))
+        .flat_map(|h| (0..n).step_by(rows).map(move |s| (h, s..(s + rows).min(n))))
         .collect()
+}
+
+/// Per-query values `[n_kinds, *lead, n]` from the `[n_kinds, rows]` values of every block.
+pub(crate) fn assemble_per_query(
+    blocks: &[(usize, Range<usize>)],
+    results: &[Vec<f64>],
+    n_kinds: usize,
+    lead: &[usize],
+    n: usize,
+) -> ArrayD<f64> {
+    let n_heads: usize = lead.iter().product();
+    let mut out = vec![f64::NAN; n_kinds * n_heads * n];
+    for ((h, rows), values) in blocks.iter().zip(results) {
+        for k in 0..n_kinds {
+            let dst = k * n_heads * n + h * n + rows.start;
+            out[dst..dst + rows.len()].copy_from_slice(&values[k * rows.len()..(k + 1) * rows.len()]);
+        }
+    }
+    let mut shape = vec![n_kinds];
+    shape.extend_from_slice(lead);
+    shape.push(n);
+    ArrayD::from_shape_vec(IxDyn(&shape), out).expect("output length matches its shape")
 }
 
 /// Reads A[i, j], rejecting NaN and infinities with the element's full index.
@@ -141,52 +166,47 @@ fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize,
     Error::invalid("patterns", "finite values", format!("{v} at index {}", stack.index_str(h, i, j)))
 }
 
-/// Per-query values `[kinds, rows]` for one block of one head.
-fn score_rows<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    h: usize,
-    rows: Range<usize>,
+/// Query row i of an attention pattern, as the per-query scores read it. Stored patterns
+/// ([`StoredRow`]) and the fused kernel over q and k (`attention::scores_from_qk`, which never
+/// stores a row) both implement it, so the kind, eligibility and exclude_bos logic of
+/// [`query_values`] exists once.
+pub(crate) trait QueryRow {
+    /// A[i, j] as the row holds it, before any exclude_bos renormalisation.
+    fn entry(&self, j: usize) -> Result<f64>;
+    /// The factor that renormalises entries j >= first_key (1 when nothing is renormalised).
+    fn renormalisation(&self) -> f64;
+    /// -sum p log p over the renormalised row, keys j >= first_key (0 log 0 = 0).
+    fn entropy(&self) -> Result<f64>;
+}
+
+/// Calls `write(k, value)` with the value of every kind k for query i: the renormalised mass on
+/// the targets j >= first_key of T(i) (`targets[k]` Some), or the row entropy (None).
+/// Queries i = 0 and queries without such a target are not eligible and are not written.
+pub(crate) fn query_values(
+    i: usize,
+    row: &impl QueryRow,
     targets: &[Option<Targets>],
-    options: ScoreOptions,
-) -> Result<Vec<f64>> {
-    let a = stack.head(h);
-    let len = rows.len();
-    let mut out = vec![f64::NAN; targets.len() * len];
-    for (r, i) in rows.enumerate() {
-        // Multiplier of A[i, j>=1] after renormalising without key 0.
-        let scale = if options.exclude_bos {
-            let rest = 1.0 - read(stack, &a, h, i, 0)?;
-            if rest > 0.0 { 1.0 / rest } else { 0.0 }
-        } else {
-            1.0
+    first_key: usize,
+    mut write: impl FnMut(usize, f64),
+) -> Result<()> {
+    for (k, t) in targets.iter().enumerate() {
+        let value = match t {
+            Some(t) => target_mass(row, i, t, first_key)?.map(|m| m * row.renormalisation()),
+            None => Some(row.entropy()?),
         };
-        let first_key = usize::from(options.exclude_bos);
-        for (k, t) in targets.iter().enumerate() {
-            let value = match t {
-                Some(t) => target_mass(stack, &a, h, i, t, first_key)?.map(|m| m * scale),
-                None => Some(row_entropy(stack, &a, h, i, first_key, scale)?),
-            };
-            if i >= 1 {
-                out[k * len + r] = value.unwrap_or(f64::NAN);
-            }
+        if let (true, Some(v)) = (i >= 1, value) {
+            write(k, v);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// sum_{j in T(i), j >= first_key} w_j A[i, j], or None when no such target exists.
-fn target_mass<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    a: &ArrayView2<'_, T>,
-    h: usize,
-    i: usize,
-    targets: &Targets,
-    first_key: usize,
-) -> Result<Option<f64>> {
+fn target_mass(row: &impl QueryRow, i: usize, targets: &Targets, first_key: usize) -> Result<Option<f64>> {
     let (mut sum, mut count, mut bad) = (0.0, 0usize, None);
     targets.for_each(i, |j, w| {
         if j >= first_key && bad.is_none() {
-            match read(stack, a, h, i, j) {
+            match row.entry(j) {
                 Ok(v) => sum += w * v,
                 Err(e) => bad = Some(e),
             }
@@ -199,27 +219,70 @@ fn target_mass<T: Real>(
     }
 }
 
-/// -sum_j p log p over keys j >= first_key of row i, with p = scale * A[i, j] (0 log 0 = 0).
-fn row_entropy<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    a: &ArrayView2<'_, T>,
+/// Row i of head h of a stored pattern stack.
+struct StoredRow<'s, 'a, T> {
+    stack: &'s MatrixStack<'a, T>,
+    a: ArrayView2<'s, T>,
     h: usize,
     i: usize,
     first_key: usize,
     scale: f64,
-) -> Result<f64> {
-    let mut entropy = 0.0;
-    for (j, v) in a.row(i).iter().enumerate().skip(first_key) {
-        let v = v.to_f64();
-        if !v.is_finite() {
-            return Err(non_finite(stack, h, i, j, v));
+}
+
+impl<'s, 'a, T: Real> StoredRow<'s, 'a, T> {
+    /// With exclude_bos, A'[i, j] = A[i, j] / (1 - A[i, 0]); a row with no mass outside key 0
+    /// renormalises to all zeros.
+    fn new(stack: &'s MatrixStack<'a, T>, a: ArrayView2<'s, T>, h: usize, i: usize, options: ScoreOptions) -> Result<Self> {
+        let mut row = StoredRow { stack, a, h, i, first_key: usize::from(options.exclude_bos), scale: 1.0 };
+        if options.exclude_bos {
+            let rest = 1.0 - row.entry(0)?;
+            row.scale = if rest > 0.0 { 1.0 / rest } else { 0.0 };
         }
-        let p = v * scale;
-        if p > 0.0 {
-            entropy -= p * p.ln();
-        }
+        Ok(row)
     }
-    Ok(entropy)
+}
+
+impl<T: Real> QueryRow for StoredRow<'_, '_, T> {
+    fn entry(&self, j: usize) -> Result<f64> {
+        read(self.stack, &self.a, self.h, self.i, j)
+    }
+
+    fn renormalisation(&self) -> f64 {
+        self.scale
+    }
+
+    fn entropy(&self) -> Result<f64> {
+        let mut entropy = 0.0;
+        for (j, v) in self.a.row(self.i).iter().enumerate().skip(self.first_key) {
+            let v = v.to_f64();
+            if !v.is_finite() {
+                return Err(non_finite(self.stack, self.h, self.i, j, v));
+            }
+            let p = v * self.scale;
+            if p > 0.0 {
+                entropy -= p * p.ln();
+            }
+        }
+        Ok(entropy)
+    }
+}
+
+/// Per-query values `[kinds, rows]` for one block of one head.
+fn score_rows<T: Real>(
+    stack: &MatrixStack<'_, T>,
+    h: usize,
+    rows: Range<usize>,
+    targets: &[Option<Targets>],
+    options: ScoreOptions,
+) -> Result<Vec<f64>> {
+    let a = stack.head(h);
+    let len = rows.len();
+    let mut out = vec![f64::NAN; targets.len() * len];
+    for (r, i) in rows.enumerate() {
+        let row = StoredRow::new(stack, a.view(), h, i, options)?;
+        query_values(i, &row, targets, row.first_key, |k, v| out[k * len + r] = v)?;
+    }
+    Ok(out)
 }
 
 /// How `detection_scores` compares a pattern with its detection matrix.
@@ -279,7 +342,7 @@ pub fn detection_scores<T: Real>(
         Detection::Kind(kind) => {
             kind.check_range(n)?;
             let (chains, group_of) = match (&tokens, kind.needs_tokens()) {
-                (Some(t), _) => token_chains(t, &stack)?,
+                (Some(t), _) => token_chains(t, stack.lead(), n, "the patterns")?,
                 (None, true) => {
                     return Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None"))
                 }
@@ -308,7 +371,7 @@ pub fn detection_scores<T: Real>(
         None => Targets::Sparse(&sparse[group_of[h]]),
     };
 
-    let blocks = row_blocks(stack.n_heads(), n);
+    let blocks = row_blocks(stack.n_heads(), n, BLOCK_ROWS);
     let partials: Vec<(f64, f64)> = threads::install(|| {
         blocks
             .par_iter()

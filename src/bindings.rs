@@ -3,10 +3,11 @@
 //! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
 
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::scores::{self, Detection, DetectionOptions, Measure, ScoreOptions};
+use crate::attention::{self, AttentionOptions, Layout};
+use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions};
 use crate::targets::Kind;
 use crate::{threads, Error};
 
@@ -29,8 +30,36 @@ macro_rules! with_view {
     };
 }
 
+/// Runs `$body` with `$q`, `$k` bound to the views of two arrays of the same dtype.
+macro_rules! with_qk_views {
+    ($q:expr, $k:expr, |$qv:ident, $kv:ident| $body:expr) => {
+        match ($q, $k) {
+            (FloatArray::F64(a), FloatArray::F64(b)) => { let ($qv, $kv) = (a.as_array(), b.as_array()); $body }
+            (FloatArray::F32(a), FloatArray::F32(b)) => { let ($qv, $kv) = (a.as_array(), b.as_array()); $body }
+            (FloatArray::F16(a), FloatArray::F16(b)) => { let ($qv, $kv) = (a.as_array(), b.as_array()); $body }
+            (q, k) => Err(PyTypeError::new_err(format!(
+                "k: expected the dtype of q ({}), got {}",
+                dtype_name(q),
+                dtype_name(k)
+            ))),
+        }
+    };
+}
+
+fn dtype_name(a: &FloatArray<'_>) -> &'static str {
+    match a {
+        FloatArray::F64(_) => "float64",
+        FloatArray::F32(_) => "float32",
+        FloatArray::F16(_) => "float16",
+    }
+}
+
 fn value_error(e: Error) -> PyErr {
     PyValueError::new_err(e.to_string())
+}
+
+fn reduce(per_query: bool) -> Reduce {
+    if per_query { Reduce::PerQuery } else { Reduce::Mean }
 }
 
 fn parse_kinds(kinds: &[String]) -> PyResult<Vec<Kind>> {
@@ -51,10 +80,9 @@ fn head_scores<'py>(
     let kinds = parse_kinds(&kinds)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let options = ScoreOptions { exclude_bos };
-    let result = with_view!(&patterns, |view| py.detach(|| if per_query {
-        scores::per_query_scores(view, tokens, &kinds, options)
-    } else {
-        scores::head_scores(view, tokens, &kinds, options)
+    let result = with_view!(&patterns, |view| py.detach(|| match reduce(per_query) {
+        Reduce::PerQuery => scores::per_query_scores(view, tokens, &kinds, options),
+        Reduce::Mean => scores::head_scores(view, tokens, &kinds, options),
     }))
     .map_err(value_error)?;
     Ok(result.into_pyarray(py))
@@ -90,6 +118,59 @@ fn detection_scores<'py>(
     Ok(result.into_pyarray(py))
 }
 
+fn attention_options(scale: Option<f64>, causal: bool, layout: &str) -> PyResult<AttentionOptions> {
+    let layout: Layout = layout.parse().map_err(value_error)?;
+    Ok(AttentionOptions { scale, causal, layout })
+}
+
+/// Attention patterns `[*lead, n_heads, n, n]` (float32 for float16/32 input, float64 for float64).
+#[pyfunction]
+#[pyo3(signature = (q, k, scale, causal, attention_mask, layout))]
+fn attention_patterns<'py>(
+    py: Python<'py>,
+    q: FloatArray<'py>,
+    k: FloatArray<'py>,
+    scale: Option<f64>,
+    causal: bool,
+    attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    layout: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let options = attention_options(scale, causal, layout)?;
+    let mask = attention_mask.as_ref().map(|m| m.as_array());
+    with_qk_views!(&q, &k, |qv, kv| {
+        let patterns = py.detach(|| attention::attention_patterns(qv, kv, mask, options)).map_err(value_error)?;
+        Ok(patterns.into_pyarray(py).into_any())
+    })
+}
+
+/// Fused scores per query `[kinds, *lead, n_heads, n]`, or their means when `per_query` is false.
+#[pyfunction]
+#[pyo3(signature = (q, k, tokens, kinds, scale, causal, attention_mask, layout, exclude_bos, per_query))]
+#[allow(clippy::too_many_arguments)]
+fn scores_from_qk<'py>(
+    py: Python<'py>,
+    q: FloatArray<'py>,
+    k: FloatArray<'py>,
+    tokens: Option<PyReadonlyArrayDyn<'py, i64>>,
+    kinds: Vec<String>,
+    scale: Option<f64>,
+    causal: bool,
+    attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    layout: &str,
+    exclude_bos: bool,
+    per_query: bool,
+) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+    let kinds = parse_kinds(&kinds)?;
+    let options = attention_options(scale, causal, layout)?;
+    let tokens = tokens.as_ref().map(|t| t.as_array());
+    let mask = attention_mask.as_ref().map(|m| m.as_array());
+    let score = ScoreOptions { exclude_bos };
+    with_qk_views!(&q, &k, |qv, kv| {
+        let result = py.detach(|| attention::scores_from_qk(qv, kv, tokens, mask, &kinds, options, score, reduce(per_query)));
+        Ok(result.map_err(value_error)?.into_pyarray(py))
+    })
+}
+
 /// Sets the number of threads every later call uses (n >= 1).
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -106,6 +187,8 @@ fn get_num_threads() -> usize {
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(head_scores, m)?)?;
     m.add_function(wrap_pyfunction!(detection_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_patterns, m)?)?;
+    m.add_function(wrap_pyfunction!(scores_from_qk, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -3,6 +3,7 @@
 //! The core modules are pure Rust (ndarray views in, owned arrays out) and are tested by
 //! `cargo test` alone; `bindings` (feature `python`) is the only code that knows about Python.
 
+pub mod attention;
 pub mod error;
 pub mod scores;
 pub mod stack;
@@ -12,6 +13,7 @@ pub mod threads;
 #[cfg(feature = "python")]
 mod bindings;
 
+pub use attention::{attention_patterns, scores_from_qk, AttentionOptions, Layout};
 pub use error::{Error, Result};
-pub use scores::{detection_scores, head_scores, per_query_scores, Detection, DetectionOptions, Measure, ScoreOptions};
+pub use scores::{detection_scores, head_scores, per_query_scores, Detection, Reduce, DetectionOptions, Measure, ScoreOptions};
 pub use targets::Kind;

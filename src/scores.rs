@@ -32,6 +32,15 @@ pub struct ScoreOptions {
     pub exclude_bos: bool,
 }
 
+/// What the per-query kernels return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    /// Per-query values `[kinds, *lead, n]`, NaN where a query is not eligible.
+    PerQuery,
+    /// Head scores `[kinds, *lead]`: the mean over eligible queries, NaN where none is.
+    Mean,
+}
+
 /// Per-query scores, shape `[kinds.len(), *lead, n]`; NaN where a query is not eligible.
 ///
 /// `tokens` is `[n]` (shared by every head) or `[lead[0], n]` (one row per batch element); it is
@@ -42,14 +51,7 @@ pub fn per_query_scores<T: Real>(
     kinds: &[Kind],
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
-    let stack = MatrixStack::new("patterns", patterns)?;
-    let (n_heads, n) = (stack.n_heads(), stack.n());
-    let mut out = vec![f64::NAN; kinds.len() * n_heads * n];
-    run_blocks(&stack, tokens, kinds, options, Some(&mut out))?;
-    let mut shape = vec![kinds.len()];
-    shape.extend_from_slice(stack.lead());
-    shape.push(n);
-    Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("output length matches its shape"))
+    stored_scores(patterns, tokens, kinds, options, Reduce::PerQuery)
 }
 
 /// Head scores, shape `[kinds.len(), *lead]`: the mean over eligible queries of the per-query
@@ -60,103 +62,142 @@ pub fn head_scores<T: Real>(
     kinds: &[Kind],
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
+    stored_scores(patterns, tokens, kinds, options, Reduce::Mean)
+}
+
+fn stored_scores<T: Real>(
+    patterns: ArrayViewD<'_, T>,
+    tokens: Option<ArrayViewD<'_, i64>>,
+    kinds: &[Kind],
+    options: ScoreOptions,
+    reduce: Reduce,
+) -> Result<ArrayD<f64>> {
     let stack = MatrixStack::new("patterns", patterns)?;
-    let partials = run_blocks(&stack, tokens, kinds, options, None)?;
-    let blocks = row_blocks(stack.n_heads(), stack.n());
-    let mut totals = vec![(0.0, 0usize); kinds.len() * stack.n_heads()];
-    for ((h, _), partial) in blocks.iter().zip(&partials) {
+    let plan = QueryPlan::new(kinds, tokens.as_ref(), stack.lead(), stack.n(), "the patterns")?;
+    let first_key = usize::from(options.exclude_bos);
+    plan.run(BLOCK_ROWS, reduce, || (), |_, h, rows, targets, out| {
+        let block = StoredRows::new(&stack, h, rows.clone(), options)?;
+        score_block(&block, rows, targets, first_key, out)
+    })
+}
+
+/// (sum, count) of the eligible per-query values of each kind over one block of rows.
+pub(crate) type Partial = Vec<(f64, usize)>;
+
+/// A validated per-query request: the kinds, and the token chain serving every head. Shared by
+/// the scores over stored patterns and the fused scores over q and k (`attention`).
+pub(crate) struct QueryPlan<'k> {
+    kinds: &'k [Kind],
+    lead: Vec<usize>,
+    n: usize,
+    group_of: Vec<usize>,
+    chains: Vec<TokenChain>,
+}
+
+impl<'k> QueryPlan<'k> {
+    /// Checks offsets against n and tokens against `lead` and n (`source` names where those come
+    /// from in errors). Tokens that no kind reads are still checked, so a mismatch never passes.
+    pub(crate) fn new(
+        kinds: &'k [Kind],
+        tokens: Option<&ArrayViewD<'_, i64>>,
+        lead: &[usize],
+        n: usize,
+        source: &str,
+    ) -> Result<Self> {
+        for &kind in kinds {
+            kind.check_range(n)?;
+        }
+        let group_of = match tokens {
+            Some(t) => token_groups(t, lead, n, source)?,
+            None => vec![0; lead.iter().product()],
+        };
+        let chains = match (tokens, kinds.iter().find(|k| k.needs_tokens())) {
+            (Some(t), Some(_)) => token_rows(t).map(|row| TokenChain::new(&row.to_vec())).collect(),
+            (None, Some(kind)) => {
+                return Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None"))
+            }
+            (_, None) => Vec::new(),
+        };
+        Ok(QueryPlan { kinds, lead: lead.to_vec(), n, group_of, chains })
+    }
+
+    /// Scores every block of `block_rows` rows of every head in parallel with
+    /// `score(scratch, head, rows, targets, out)` (`scratch` made by `init` once per worker
+    /// split; `out` one slice per kind, empty unless per-query values are wanted), then
+    /// assembles `reduce`'s output. Blocks are combined in a fixed order.
+    pub(crate) fn run<S, I, F>(&self, block_rows: usize, reduce: Reduce, init: I, score: F) -> Result<ArrayD<f64>>
+    where
+        I: Fn() -> S + Sync + Send,
+        F: Fn(&mut S, usize, Range<usize>, &[Option<Targets>], &mut [&mut [f64]]) -> Result<Partial> + Sync + Send,
+    {
+        assert!((1..=BLOCK_ROWS).contains(&block_rows), "blocks of 1..={BLOCK_ROWS} rows");
+        let (n_kinds, n) = (self.kinds.len(), self.n);
+        let n_heads: usize = self.lead.iter().product();
+        let blocks = row_blocks(n_heads, n, block_rows);
+        let mut values = (reduce == Reduce::PerQuery).then(|| vec![f64::NAN; n_kinds * n_heads * n]);
+        let outs = split_outputs(values.as_deref_mut(), n_heads, n, block_rows);
+        let partials: Vec<Partial> = threads::install(|| {
+            blocks
+                .par_iter()
+                .zip(outs)
+                .map_init(init, |scratch, ((h, rows), mut out)| {
+                    let chain = self.chains.get(self.group_of[*h]);
+                    let targets: Vec<Option<Targets>> = self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
+                    score(scratch, *h, rows.clone(), &targets, &mut out)
+                })
+                .collect::<Result<_>>()
+        })?;
+        let mut shape = vec![n_kinds];
+        shape.extend_from_slice(&self.lead);
+        let flat = match values {
+            Some(values) => {
+                shape.push(n);
+                values
+            }
+            None => means(&blocks, &partials, n_kinds, n_heads),
+        };
+        Ok(ArrayD::from_shape_vec(IxDyn(&shape), flat).expect("output length matches its shape"))
+    }
+}
+
+/// `[kinds, heads]` means from the partial sums of every block, combined in block order.
+fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize, n_heads: usize) -> Vec<f64> {
+    let mut totals = vec![(0.0, 0usize); n_kinds * n_heads];
+    for ((h, _), partial) in blocks.iter().zip(partials) {
         for (k, (sum, count)) in partial.iter().enumerate() {
-            let total = &mut totals[k * stack.n_heads() + h];
+            let total = &mut totals[k * n_heads + h];
             total.0 += sum;
             total.1 += count;
         }
     }
-    let means = totals.into_iter().map(|(sum, count)| if count == 0 { f64::NAN } else { sum / count as f64 }).collect();
-    let mut shape = vec![kinds.len()];
-    shape.extend_from_slice(stack.lead());
-    Ok(ArrayD::from_shape_vec(IxDyn(&shape), means).expect("one mean per kind and head"))
-}
-
-/// (sum, count) of the eligible per-query values of each kind over one block of rows.
-type Partial = Vec<(f64, usize)>;
-
-/// Validates the request, then scores every block of rows in parallel, writing per-query values
-/// into `out` (`[kinds, heads, n]`) when given. Returns the partial sums in block order.
-fn run_blocks<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    tokens: Option<ArrayViewD<'_, i64>>,
-    kinds: &[Kind],
-    options: ScoreOptions,
-    out: Option<&mut [f64]>,
-) -> Result<Vec<Partial>> {
-    let n = stack.n();
-    for &kind in kinds {
-        kind.check_range(n)?;
-    }
-    let (group_of, chains) = token_tables(stack, tokens.as_ref(), kinds.iter().copied().find(|k| k.needs_tokens()))?;
-    let blocks = row_blocks(stack.n_heads(), n);
-    let outs = split_outputs(out, stack.n_heads(), n);
-    threads::install(|| {
-        blocks
-            .into_par_iter()
-            .zip(outs)
-            .map(|((h, rows), mut out)| {
-                let chain = chains.get(group_of[h]);
-                let targets: Vec<Option<Targets>> = kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
-                score_rows(stack, h, rows, &targets, options, &mut out)
-            })
-            .collect()
-    })
+    totals.into_iter().map(|(sum, count)| if count == 0 { f64::NAN } else { sum / count as f64 }).collect()
 }
 
 /// Per block (in `row_blocks` order), one output slice per kind; empty lists without `out`.
-fn split_outputs(out: Option<&mut [f64]>, n_heads: usize, n: usize) -> Vec<Vec<&mut [f64]>> {
-    let n_blocks = row_blocks(n_heads, n).len();
+fn split_outputs(out: Option<&mut [f64]>, n_heads: usize, n: usize, block_rows: usize) -> Vec<Vec<&mut [f64]>> {
+    let n_blocks = row_blocks(n_heads, n, block_rows).len();
     let Some(out) = out.filter(|o| !o.is_empty()) else {
         return (0..n_blocks).map(|_| Vec::new()).collect();
     };
     let mut per_kind: Vec<_> = out
         .chunks_mut(n_heads * n)
-        .map(|slab| slab.chunks_mut(n).flat_map(|head| head.chunks_mut(BLOCK_ROWS)).collect::<Vec<_>>().into_iter())
+        .map(|slab| slab.chunks_mut(n).flat_map(|head| head.chunks_mut(block_rows)).collect::<Vec<_>>().into_iter())
         .collect();
     (0..n_blocks).map(|_| per_kind.iter_mut().map(|blocks| blocks.next().expect("one slice per block")).collect()).collect()
 }
 
-/// The token row of every head and, when `needs` names a kind that reads tokens, one chain of
-/// earlier occurrences per token row. Tokens that no kind reads are still checked, so a mismatch
-/// never passes silently.
-fn token_tables<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    tokens: Option<&ArrayViewD<'_, i64>>,
-    needs: Option<Kind>,
-) -> Result<(Vec<usize>, Vec<TokenChain>)> {
-    let group_of = match tokens {
-        Some(t) => token_groups(t, stack)?,
-        None => vec![0; stack.n_heads()],
-    };
-    let chains = match (tokens, needs) {
-        (Some(t), Some(_)) => token_rows(t).map(|row| TokenChain::new(&row.to_vec())).collect(),
-        (None, Some(kind)) => {
-            return Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None"))
-        }
-        (_, None) => Vec::new(),
-    };
-    Ok((group_of, chains))
-}
-
 /// The token row of every head, after checking tokens are `[n]` or `[g, n]` with g broadcasting
-/// against the patterns' first leading axis.
-fn token_groups<T: Real>(tokens: &ArrayViewD<'_, i64>, stack: &MatrixStack<'_, T>) -> Result<Vec<usize>> {
+/// against the first leading axis.
+fn token_groups(tokens: &ArrayViewD<'_, i64>, lead: &[usize], n: usize, source: &str) -> Result<Vec<usize>> {
     let shape = tokens.shape();
-    let n = stack.n();
     if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
-        let expected = match stack.lead().first() {
-            Some(b) => format!("shape ({n},) or ({b}, {n}) to match the patterns"),
-            None => format!("shape ({n},) to match the patterns"),
+        let expected = match lead.first() {
+            Some(b) => format!("shape ({n},) or ({b}, {n}) to match {source}"),
+            None => format!("shape ({n},) to match {source}"),
         };
         return Err(Error::invalid("tokens", expected, format!("shape {}", shape_str(shape))));
     }
-    group_of_heads("tokens", stack.lead(), &shape[..shape.len() - 1])
+    group_of_heads("tokens", lead, &shape[..shape.len() - 1])
 }
 
 /// The rows of a `[n]` or `[g, n]` token array.
@@ -170,9 +211,9 @@ fn token_rows<'a>(tokens: &'a ArrayViewD<'_, i64>) -> Box<dyn Iterator<Item = Ar
 
 /// Every (head, row range) block, in output order. Fixed-size blocks (never derived from the
 /// thread count) keep partial sums, and so results, reproducible.
-fn row_blocks(n_heads: usize, n: usize) -> Vec<(usize, Range<usize>)> {
+fn row_blocks(n_heads: usize, n: usize, block_rows: usize) -> Vec<(usize, Range<usize>)> {
     (0..n_heads)
-        .flat_map(|h| (0..n).step_by(BLOCK_ROWS).map(move |s| (h, s..(s + BLOCK_ROWS).min(n))))
+        .flat_map(|h| (0..n).step_by(block_rows).map(move |s| (h, s..(s + block_rows).min(n))))
         .collect()
 }
 
@@ -193,24 +234,34 @@ fn first_non_finite<T: Real>(
     non_finite(stack, h, i, j, a.get(i, j).to_f64())
 }
 
-/// Scores the rows of one block: writes per-query values into `out` (one slice per kind, when
-/// given) and returns each kind's (sum, count) over eligible rows (i >= 1, T(i) non-empty).
-fn score_rows<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    h: usize,
+/// The rows of one block of one head's pattern, as the per-query kernel reads them. Stored
+/// patterns ([`StoredRows`]) and the fused q·k kernel (`attention`, which computes an entry
+/// only when it is read) both implement it, so the kind and eligibility logic of
+/// [`score_block`] exists once.
+pub(crate) trait QueryRows {
+    /// A[i, j] before any renormalisation.
+    fn entry(&self, i: usize, j: usize) -> f64;
+    /// Hint that A[i, j] is read soon.
+    fn prefetch(&self, _i: usize, _j: usize) {}
+    /// The factor applied to row i's target mass (the exclude_bos renormalisation).
+    fn scale(&self, i: usize) -> f64;
+    /// -sum p log p over the renormalised row i, keys j >= first_key (0 log 0 = 0).
+    fn entropy(&self, i: usize, first_key: usize) -> Result<f64>;
+    /// The error for row i whose mass over target `columns` came out NaN or infinite.
+    fn non_finite(&self, i: usize, columns: &[usize]) -> Error;
+}
+
+/// Scores rows `rows` (at most BLOCK_ROWS): writes per-query values into `out` (one slice per
+/// kind, when given) and returns each kind's (sum, count) over eligible rows (i >= 1 and a target
+/// j >= first_key in T(i); entropy: every row i >= 1).
+pub(crate) fn score_block(
+    block: &impl QueryRows,
     rows: Range<usize>,
     targets: &[Option<Targets>],
-    options: ScoreOptions,
+    first_key: usize,
     out: &mut [&mut [f64]],
 ) -> Result<Partial> {
-    let a = stack.head(h);
-    let start = rows.start;
-    let first_key = usize::from(options.exclude_bos);
-    let len = rows.len();
-    let mut scales = [1.0f64; BLOCK_ROWS];
-    if options.exclude_bos {
-        bos_scales(stack, &a, h, rows.clone(), &mut scales)?;
-    }
+    let (start, len) = (rows.start, rows.len());
     let mut partial = vec![(0.0, 0usize); targets.len()];
     // Per-row target mass and target count of the current kind.
     let mut mass = [0.0f64; BLOCK_ROWS];
@@ -225,7 +276,7 @@ fn score_rows<T: Real>(
         };
         let Some(t) = t else {
             for i in rows.start.max(1)..rows.end {
-                emit(i, row_entropy(stack, &a, h, i, first_key, scales[i - start])?);
+                emit(i, block.entropy(i, first_key)?);
             }
             continue;
         };
@@ -233,10 +284,10 @@ fn score_rows<T: Real>(
         hits[..len].fill(0);
         t.for_each_in_rows(
             rows.clone(),
-            |i, j| a.prefetch(i, j),
+            |i, j| block.prefetch(i, j),
             |i, j, w| {
                 if j >= first_key {
-                    mass[i - start] += w * a.get(i, j).to_f64();
+                    mass[i - start] += w * block.entry(i, j);
                     hits[i - start] += 1;
                 }
             },
@@ -250,54 +301,77 @@ fn score_rows<T: Real>(
             if !mass[r].is_finite() {
                 let mut columns = Vec::new();
                 t.for_each(i, |j, _| columns.push(j));
-                return Err(first_non_finite(stack, &a, h, i, columns));
+                return Err(block.non_finite(i, &columns));
             }
-            emit(i, mass[r] * scales[r]);
+            emit(i, mass[r] * block.scale(i));
         }
     }
     Ok(partial)
 }
 
-/// Per row of the block, the factor that renormalises A[i, j >= 1] without key 0:
-/// 1 / (1 - A[i, 0]), or 0 for a row with no mass outside key 0.
-fn bos_scales<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    a: &Matrix<'_, T>,
+/// A block of rows of one head of a stored pattern stack.
+struct StoredRows<'s, 'a, T> {
+    stack: &'s MatrixStack<'a, T>,
+    a: Matrix<'s, T>,
     h: usize,
-    rows: Range<usize>,
-    scales: &mut [f64; BLOCK_ROWS],
-) -> Result<()> {
-    for (scale, i) in scales.iter_mut().zip(rows) {
-        let bos = a.get(i, 0).to_f64();
-        if !bos.is_finite() {
-            return Err(non_finite(stack, h, i, 0, bos));
-        }
-        *scale = if bos < 1.0 { 1.0 / (1.0 - bos) } else { 0.0 };
-    }
-    Ok(())
+    start: usize,
+    /// Per row, 1 / (1 - A[i, 0]) with exclude_bos (0 for a row with no mass outside key 0,
+    /// which renormalises to all zeros), else 1.
+    scales: [f64; BLOCK_ROWS],
 }
 
-/// -sum_j p log p over keys j >= first_key of row i, with p = scale * A[i, j] (0 log 0 = 0).
-fn row_entropy<T: Real>(
-    stack: &MatrixStack<'_, T>,
-    a: &Matrix<'_, T>,
-    h: usize,
-    i: usize,
-    first_key: usize,
-    scale: f64,
-) -> Result<f64> {
-    let mut entropy = 0.0;
-    for (j, v) in a.row(i).enumerate().skip(first_key) {
-        let v = v.to_f64();
-        if !v.is_finite() {
-            return Err(non_finite(stack, h, i, j, v));
+impl<'s, 'a, T: Real> StoredRows<'s, 'a, T> {
+    fn new(stack: &'s MatrixStack<'a, T>, h: usize, rows: Range<usize>, options: ScoreOptions) -> Result<Self> {
+        let a = stack.head(h);
+        let mut scales = [1.0; BLOCK_ROWS];
+        if options.exclude_bos {
+            for (scale, i) in scales.iter_mut().zip(rows.clone()) {
+                let bos = a.get(i, 0).to_f64();
+                if !bos.is_finite() {
+                    return Err(non_finite(stack, h, i, 0, bos));
+                }
+                *scale = if bos < 1.0 { 1.0 / (1.0 - bos) } else { 0.0 };
+            }
         }
-        let p = v * scale;
-        if p > 0.0 {
-            entropy -= p * p.ln();
-        }
+        Ok(StoredRows { stack, a, h, start: rows.start, scales })
     }
-    Ok(entropy)
+}
+
+impl<T: Real> QueryRows for StoredRows<'_, '_, T> {
+    #[inline(always)]
+    fn entry(&self, i: usize, j: usize) -> f64 {
+        self.a.get(i, j).to_f64()
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, i: usize, j: usize) {
+        self.a.prefetch(i, j)
+    }
+
+    #[inline(always)]
+    fn scale(&self, i: usize) -> f64 {
+        self.scales[i - self.start]
+    }
+
+    fn entropy(&self, i: usize, first_key: usize) -> Result<f64> {
+        let scale = self.scale(i);
+        let mut entropy = 0.0;
+        for (j, v) in self.a.row(i).enumerate().skip(first_key) {
+            let v = v.to_f64();
+            if !v.is_finite() {
+                return Err(non_finite(self.stack, self.h, i, j, v));
+            }
+            let p = v * scale;
+            if p > 0.0 {
+                entropy -= p * p.ln();
+            }
+        }
+        Ok(entropy)
+    }
+
+    fn non_finite(&self, i: usize, columns: &[usize]) -> Error {
+        first_non_finite(self.stack, &self.a, self.h, i, columns.iter().copied())
+    }
 }
 
 /// How `detection_scores` compares a pattern with its detection matrix.
@@ -350,14 +424,16 @@ pub fn detection_scores<T: Real>(
     let stack = MatrixStack::new("patterns", patterns)?;
     let n = stack.n();
     // One target table per group of heads: a token row, or one explicit matrix.
-    let (kind, chains, sparse, group_of) = match detection {
+    let kinds: Vec<Kind>;
+    let (kind, plan, sparse, group_of) = match detection {
         Detection::Kind(Kind::Entropy) => {
             return Err(Error::invalid("detection", "a target kind or a 0/1 array", "\"entropy\""))
         }
         Detection::Kind(kind) => {
-            kind.check_range(n)?;
-            let (group_of, chains) = token_tables(&stack, tokens.as_ref(), kind.needs_tokens().then_some(kind))?;
-            (Some(kind), chains, Vec::new(), group_of)
+            kinds = vec![kind];
+            let plan = QueryPlan::new(&kinds, tokens.as_ref(), stack.lead(), n, "the patterns")?;
+            let group_of = plan.group_of.clone();
+            (Some(kind), Some(plan), Vec::new(), group_of)
         }
         Detection::Matrices(d) => {
             let matrices = MatrixStack::new("detection", d)?;
@@ -372,15 +448,15 @@ pub fn detection_scores<T: Real>(
             let sparse = (0..matrices.n_heads())
                 .map(|g| SparseRows::from_dense("detection", matrices.head(g)))
                 .collect::<Result<Vec<_>>>()?;
-            (None, Vec::new(), sparse, group_of)
+            (None, None, sparse, group_of)
         }
     };
-    let targets_of = |h: usize| match kind {
-        Some(kind) => Targets::of_kind(kind, chains.get(group_of[h])).expect("not entropy"),
-        None => Targets::Sparse(&sparse[group_of[h]]),
+    let targets_of = |h: usize| match (kind, &plan) {
+        (Some(kind), Some(plan)) => Targets::of_kind(kind, plan.chains.get(group_of[h])).expect("not entropy"),
+        _ => Targets::Sparse(&sparse[group_of[h]]),
     };
 
-    let blocks = row_blocks(stack.n_heads(), n);
+    let blocks = row_blocks(stack.n_heads(), n, BLOCK_ROWS);
     let partials: Vec<(f64, f64)> = threads::install(|| {
         blocks
             .par_iter()

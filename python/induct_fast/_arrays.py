@@ -81,3 +81,25 @@ def as_count(value: Any, name: str, minimum: int) -> int:
     if count < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {count}")
     return count
+
+
+def as_key_mask(mask: Any, name: str = "attention_mask") -> np.ndarray | None:
+    """A padding mask of 0/1 (or bool) key flags as a bool array, a view when it is bool already.
+
+    1/True marks a real key, 0/False a padding key that no query attends to. Any other value
+    (2, 0.5, NaN, an additive -inf mask) raises ValueError naming `name` and the first bad index.
+    """
+    if mask is None:
+        return None
+    if type(mask).__module__.startswith("torch"):
+        mask = _from_torch(mask, name)
+    arr = np.asarray(mask)
+    if arr.dtype.kind == "b":
+        return arr
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name}: expected 0/1 or bool key flags, got dtype {arr.dtype}")
+    bad = (arr != 0) & (arr != 1)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected 0/1 key flags (1 = real token, 0 = padding), got {arr[index].item()!r} at index {index}")
+    return arr != 0

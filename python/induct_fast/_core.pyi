@@ -28,5 +28,29 @@ def detection_scores(
 ) -> npt.NDArray[np.float64]:
     """[*lead] TransformerLens head_detector scores against a kind or explicit matrices."""
 
+def attention_patterns(
+    q: npt.NDArray[np.floating],
+    k: npt.NDArray[np.floating],
+    scale: Optional[float],
+    causal: bool,
+    attention_mask: Optional[npt.NDArray[np.bool_]],
+    layout: str,
+) -> npt.NDArray[np.floating]:
+    """[*lead, n_heads, n, n] causal softmax(scale q.k) (float32 for float16/32 input)."""
+
+def scores_from_qk(
+    q: npt.NDArray[np.floating],
+    k: npt.NDArray[np.floating],
+    tokens: Optional[npt.NDArray[np.int64]],
+    kinds: list[str],
+    scale: Optional[float],
+    causal: bool,
+    attention_mask: Optional[npt.NDArray[np.bool_]],
+    layout: str,
+    exclude_bos: bool,
+    per_query: bool,
+) -> npt.NDArray[np.float64]:
+    """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means."""
+
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

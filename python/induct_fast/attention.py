@@ -1,0 +1,194 @@
+"""Attention patterns from queries and keys, and head scores computed without them.
+
+Shapes (DESIGN.md section 5)
+----------------------------
+``q``: ``[*lead, n, n_heads, d_head]`` and ``k``: ``[*lead, n, n_kv_heads, d_head]`` (the layout of
+TransformerLens ``hook_q`` / ``hook_k``), or ``[*lead, heads, n, d_head]`` with ``layout="bhnd"``
+(Hugging Face). ``n_kv_heads`` must divide ``n_heads``: with r = n_heads / n_kv_heads, kv head g
+serves query heads g*r .. g*r + r - 1 (grouped-query attention, as Hugging Face's ``repeat_kv``).
+Typical ``lead``: ``[batch]`` or ``[batch, layer]``.
+
+Formulas
+--------
+Logits s_ij = scale * q_i . k_j with ``scale = 1 / sqrt(d_head)`` unless given. Key j is *allowed*
+for query i when j <= i (``causal=True``) and ``attention_mask[b, j] == 1``. Then
+
+    A[i, j] = exp(s_ij) / sum_{j' allowed} exp(s_ij')   for allowed j, else 0.
+
+Choices
+-------
+* Padding: ``attention_mask`` is ``[batch, n]`` (or ``[n]``) of 0/1 *key* flags, as Hugging Face
+  passes it; padding keys are never attended. A query row with no allowed key (a left-padding
+  position under the causal mask) is all zeros rather than NaN; in the scores its target masses
+  are 0 and its entropy 0. Padding queries are otherwise treated like any query, exactly as
+  ``head_scores(attention_patterns(...))`` treats them; use ``per_query=True`` to drop them.
+* Output dtype: float32 for float16 and float32 input (computed in float32, like TransformerLens
+  and PyTorch), float64 for float64 input. q and k of different dtypes are promoted to a common
+  one. Scores are always float64.
+* Precision: logits by an f32 GEMM per tile (f32 accumulation over d_head, as TransformerLens);
+  exponentials in float32 (2 ulp) summed in float32 over at most 16 terms per lane, in float64
+  beyond; log-sum-exp, target probabilities and entropy in float64. Logits of +-80 do not
+  overflow. Results are bit-identical for any number of threads.
+* ``exclude_bos`` in :func:`scores_from_qk` leaves key 0 out of the softmax, which is the exact
+  form of ``head_scores``' renormalisation A[i, j] / (1 - A[i, 0]). On float32 patterns that
+  division loses every digit when A[i, 0] is within ~1e-7 of 1 (an attention sink), so there the
+  fused scores are the accurate ones.
+* GEMM: matrixmultiply (see src/attention.rs for the measurements behind the choice).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from . import _core
+from ._arrays import as_float_array, as_key_mask, as_tokens
+from .scores import DEFAULT_KINDS, KindArg, _kind_names
+
+LAYOUTS = ("bnhd", "bhnd")
+
+
+def _qk(q: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:
+    """q and k as float arrays of one dtype (views when they already share a kernel dtype)."""
+    q = as_float_array(q, "q")
+    k = as_float_array(k, "k")
+    if q.dtype != k.dtype:
+        common = np.promote_types(q.dtype, k.dtype)
+        q, k = q.astype(common, copy=False), k.astype(common, copy=False)
+    return q, k
+
+
+def _options(scale: Any, causal: Any, layout: Any) -> tuple[Optional[float], bool, str]:
+    if scale is not None:
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a real number or None, got {scale!r}")
+        scale = float(scale)
+    if not isinstance(layout, str):
+        raise TypeError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    return scale, bool(causal), layout
+
+
+def attention_patterns(
+    q: Any,
+    k: Any,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    attention_mask: Any = None,
+    layout: str = "bnhd",
+) -> np.ndarray:
+    """Attention patterns softmax(scale * q k^T) with the causal and padding masks.
+
+    Parameters
+    ----------
+    q : array_like, shape (*lead, n, n_heads, d_head), or (*lead, n_heads, n, d_head) for "bhnd"
+        Queries (float16/32/64, any strides; TransformerLens ``hook_q``).
+    k : array_like, shape (*lead, n, n_kv_heads, d_head), or (*lead, n_kv_heads, n, d_head)
+        Keys; ``n_kv_heads`` divides ``n_heads`` (grouped-query attention).
+    scale : float, optional
+        Multiplier of q . k; default ``1 / sqrt(d_head)``. Must be finite.
+    causal : bool
+        Mask keys j > i.
+    attention_mask : array_like of 0/1 or bool, shape (lead[0], n) or (n,), optional
+        1 for real keys, 0 for padding keys (never attended).
+    layout : {"bnhd", "bhnd"}
+        Axis order of q and k.
+
+    Returns
+    -------
+    ndarray, shape (*lead, n_heads, n, n)
+        ``A[..., h, i, j] = exp(s_ij) / sum_{j' allowed} exp(s_ij')`` for allowed keys j
+        (j <= i when causal, mask 1), else 0; rows without an allowed key are all zeros.
+        float32 for float16/float32 input, float64 for float64 input.
+
+    Notes
+    -----
+    Costs O(n^2 d_head) per head and allocates the n x n output; for scores alone, use
+    :func:`scores_from_qk`, which never holds it. Releases the GIL; multi-threaded.
+
+    Examples
+    --------
+    >>> import numpy as np, induct_fast as inf
+    >>> q = np.zeros((4, 2, 8), np.float32)
+    >>> inf.attention_patterns(q, q)[0, 3]
+    array([0.25, 0.25, 0.25, 0.25], dtype=float32)
+    """
+    q, k = _qk(q, k)
+    scale, causal, layout = _options(scale, causal, layout)
+    return _core.attention_patterns(q, k, scale, causal, as_key_mask(attention_mask), layout)
+
+
+def scores_from_qk(
+    q: Any,
+    k: Any,
+    tokens: Any = None,
+    *,
+    kinds: KindArg = DEFAULT_KINDS,
+    offsets: Iterable[int] = (),
+    scale: Optional[float] = None,
+    causal: bool = True,
+    attention_mask: Any = None,
+    layout: str = "bnhd",
+    exclude_bos: bool = False,
+    per_query: bool = False,
+) -> dict[str, np.ndarray]:
+    """Head scores of the attention of q and k, without forming the n x n patterns.
+
+    Equal (to ~1e-6) to ``head_scores(attention_patterns(q, k, ...), tokens, kinds=...,
+    offsets=..., exclude_bos=..., per_query=...)``.
+
+    Parameters
+    ----------
+    q, k, scale, causal, attention_mask, layout
+        As in :func:`attention_patterns`.
+    tokens : array_like of int, shape (n,) or (lead[0], n), optional
+        Token ids; needed by ``duplicate_token`` and ``induction``.
+    kinds : str or sequence of str
+        Any of ``previous_token``, ``duplicate_token``, ``induction``, ``bos``, ``self``,
+        ``entropy``, ``offset_<d>`` (target sets as in :func:`induct_fast.head_scores`).
+    offsets : iterable of int
+        Extra positional kinds ``offset_<d>`` (T(i) = {i - d}), each in 1..n-1.
+    exclude_bos : bool
+        Leave key 0 out of every softmax (A'[i, j] = A[i, j] / (1 - A[i, 0]), j >= 1, exactly).
+    per_query : bool
+        Return per-query values, shape (*lead, n_heads, n), NaN where not eligible.
+
+    Returns
+    -------
+    dict of str to ndarray of float64
+        One array per kind, shape ``(*lead, n_heads)`` (or ``(*lead, n_heads, n)``): the mean
+        over eligible queries (i >= 1, T(i) non-empty) of sum_{j in T(i)} A[i, j].
+
+    Notes
+    -----
+    Per query row i, tile by tile over its keys: the online log-sum-exp lse_i = log sum_j
+    exp(s_ij) (and, for ``entropy``, H_i = lse_i - sum_j A[i, j] s_ij in the same pass), then
+    A[i, j] = exp(s_ij - lse_i) for the target keys only. Time O(n^2 d_head) per head like the
+    patterns, extra memory O(threads x 128 x 256) plus O(n) per head: n = 32k fits in a few MB.
+    Releases the GIL; results are bit-identical for any number of threads.
+
+    Examples
+    --------
+    >>> import numpy as np, induct_fast as inf
+    >>> q = np.zeros((4, 1, 8), np.float32)
+    >>> inf.scores_from_qk(q, q, kinds="previous_token")["previous_token"]  # (1/2 + 1/3 + 1/4) / 3
+    array([0.36111111])
+    """
+    names = _kind_names(kinds, offsets)
+    q, k = _qk(q, k)
+    scale, causal, layout = _options(scale, causal, layout)
+    values = _core.scores_from_qk(
+        q,
+        k,
+        as_tokens(tokens),
+        names,
+        scale,
+        causal,
+        as_key_mask(attention_mask),
+        layout,
+        bool(exclude_bos),
+        bool(per_query),
+    )
+    return {name: values[i] for i, name in enumerate(names)}

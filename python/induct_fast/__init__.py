@@ -8,6 +8,14 @@ multi-threaded Rust core that releases the GIL. Importing the package needs only
 
 from ._core import __version__, get_num_threads
 from .attention import attention_patterns, scores_from_qk
+from .circuits import (
+    CompositionBaseline,
+    composition_baseline,
+    composition_scores,
+    copying_scores,
+    ov_eigenvalues,
+    positional_qk_scores,
+)
 from .scores import (
     DEFAULT_KINDS,
     KINDS,
@@ -30,17 +38,24 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"n: expected a number of threads in 1..=65536, got {n}")
     _core.set_num_threads(n)
 
+
 __all__ = [
     "DEFAULT_KINDS",
     "KINDS",
+    "CompositionBaseline",
     "__version__",
     "attention_patterns",
+    "composition_baseline",
+    "composition_scores",
+    "copying_scores",
     "detection_scores",
     "duplicate_token_scores",
     "get_num_threads",
     "head_scores",
     "induction_scores",
     "offset_scores",
+    "ov_eigenvalues",
+    "positional_qk_scores",
     "previous_token_scores",
     "repeated_tokens",
     "scores_from_qk",

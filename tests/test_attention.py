@@ -15,16 +15,7 @@ from hypothesis import strategies as st
 
 import induct_fast as inf
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "attn_only_tl_reference.npz"
 ALL_KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
-
-
-@pytest.fixture(scope="module")
-def fixture():
-    if not FIXTURE.exists():
-        pytest.skip(f"reference fixture not found at {FIXTURE} (it lives in the shared/ folder beside the repo)")
-    with np.load(FIXTURE) as f:
-        return {key: f[key] for key in f.files}
 
 
 # --- the obvious numpy implementation ------------------------------------------------------------

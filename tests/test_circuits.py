@@ -3,7 +3,6 @@ weights (grouped-query included), the random baseline, and input errors."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +12,10 @@ from hypothesis import strategies as st
 import induct_fast as inf
 from induct_fast import circuits
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "attn_only_tl_reference.npz"
-
-
 @pytest.fixture(scope="module")
-def ref():
-    if not FIXTURE.exists():
-        pytest.skip(f"TransformerLens reference fixture not found at {FIXTURE} (it lives beside the repo in ../shared/fixtures)")
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
+def ref(fixture):
+    """The TransformerLens reference arrays (conftest's `fixture`, which skips when absent)."""
+    return fixture
 
 
 def _attn(ref, model):

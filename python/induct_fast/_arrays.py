@@ -27,11 +27,12 @@ def _from_torch(x: Any, name: str) -> Any:
     return x.numpy()
 
 
-def as_float_array(x: Any, name: str) -> np.ndarray:
+def as_float_array(x: Any, name: str, *, integers: bool = True) -> np.ndarray:
     """`x` as a native-endian float16/32/64 ndarray, a view whenever numpy can make one.
 
-    Integer and bool arrays are widened to float64; other floats (float128) narrowed to float64.
-    Complex, object, string and None inputs raise TypeError naming `name`.
+    Integer and bool arrays are widened to float64 (a TypeError with ``integers=False``); other
+    floats (float128) narrowed to float64. Complex, object, string and None inputs raise
+    TypeError naming `name`.
     """
     if x is None:
         raise TypeError(f"{name}: expected a real numeric array, got None")
@@ -44,8 +45,9 @@ def as_float_array(x: Any, name: str) -> np.ndarray:
     kind = arr.dtype.kind
     if kind == "c":
         raise TypeError(f"{name}: expected a real numeric array, got complex dtype {arr.dtype}")
-    if kind not in "fiub":
-        raise TypeError(f"{name}: expected a real numeric array, got dtype {arr.dtype}")
+    if kind not in ("fiub" if integers else "f"):
+        expected = "a real numeric array" if integers else "a real float array (float16/32/64)"
+        raise TypeError(f"{name}: expected {expected}, got dtype {arr.dtype}")
     if kind != "f" or arr.dtype.newbyteorder("=") not in _KERNEL_FLOATS:
         return arr.astype(np.float64)
     if not arr.dtype.isnative:

@@ -25,7 +25,7 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._arrays import _from_torch
+from ._arrays import as_float_array
 
 MODES = ("Q", "K", "V")
 
@@ -46,21 +46,11 @@ ModeArg = Union[str, Sequence[str]]
 
 def _weights(x: Any, name: str, ndim: int, layout: str) -> np.ndarray:
     """`x` as a float64 array of `ndim` axes; TypeError unless it is a real float array."""
-    if x is None:
-        raise TypeError(f"{name}: expected a float array of shape {layout}, got None")
-    if type(x).__module__.startswith("torch"):
-        x = _from_torch(x, name)
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # ragged lists, objects whose __array__ fails
-        raise TypeError(f"{name}: expected a float array of shape {layout}, got {type(x).__name__} ({exc})") from None
-    if arr.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a real float array (float16/32/64), got dtype {arr.dtype}")
+    arr = as_float_array(x, name, integers=False).astype(np.float64, copy=False)
     if arr.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim} axes {layout}, got shape {arr.shape}")
     if 0 in arr.shape:
         raise ValueError(f"{name}: expected non-empty axes {layout}, got shape {arr.shape}")
-    arr = arr.astype(np.float64, copy=False)
     # A sum is finite iff every entry is (barring overflow, which the exact check then clears).
     if not np.isfinite(arr.sum()) and not np.isfinite(arr).all():
         raise ValueError(f"{name}: expected finite values, got NaN or inf")

@@ -1,9 +1,11 @@
-//! induct_fast: scores for induction circuits over attention patterns.
+//! induct_fast: scores for induction circuits over attention patterns, and per-token losses.
 //!
 //! The core modules are pure Rust (ndarray views in, owned arrays out) and are tested by
 //! `cargo test` alone; `bindings` (feature `python`) is the only code that knows about Python.
 
 pub mod error;
+pub mod logsumexp;
+pub mod losses;
 pub mod scores;
 pub mod stack;
 pub mod targets;
@@ -13,5 +15,6 @@ pub mod threads;
 mod bindings;
 
 pub use error::{Error, Result};
+pub use losses::token_losses;
 pub use scores::{detection_scores, head_scores, per_query_scores, Detection, DetectionOptions, Measure, ScoreOptions};
 pub use targets::Kind;

@@ -2,7 +2,10 @@
 
 Scores over attention patterns (previous-token, duplicate-token, induction and more), exact
 TransformerLens ``head_detector`` parity, computed by a multi-threaded Rust core that releases the
-GIL. Importing the package needs only numpy.
+GIL; ``scan`` scores a whole model from a cache, a tuple of layers, q/k or a file into a
+``HeadScores``; ``token_losses`` and ``icl_score`` measure in-context learning. Importing the
+package needs only numpy (pandas, matplotlib, dask, tqdm, safetensors are imported by the
+functions that use them; ``induct_fast.dask`` is a separate import).
 """
 
 from ._core import __version__, get_num_threads
@@ -16,7 +19,9 @@ from .scores import (
     offset_scores,
     previous_token_scores,
 )
-from .tokens import repeated_tokens
+from .tokens import icl_score, repeated_tokens, token_losses
+from .results import HeadScores
+from .scan import scan
 from ._arrays import as_count as _as_count
 from . import _core
 
@@ -30,15 +35,19 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "DEFAULT_KINDS",
+    "HeadScores",
     "KINDS",
     "__version__",
     "detection_scores",
     "duplicate_token_scores",
     "get_num_threads",
     "head_scores",
+    "icl_score",
     "induction_scores",
     "offset_scores",
     "previous_token_scores",
     "repeated_tokens",
+    "scan",
     "set_num_threads",
+    "token_losses",
 ]

@@ -28,5 +28,12 @@ def detection_scores(
 ) -> npt.NDArray[np.float64]:
     """[*lead] TransformerLens head_detector scores against a kind or explicit matrices."""
 
+def token_losses(
+    logits: npt.NDArray[np.floating],
+    tokens: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """[*lead, n - 1] cross-entropy of tokens[..., 1:] under logits[..., :-1, :]; logits
+    [*lead, n, vocab] with lead () or (batch,), tokens [*lead, n] in [0, vocab)."""
+
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -15,7 +15,7 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.deps: $(VENV)/.created pyproject.toml
-	$(PIP) install --quiet "maturin>=1.9.4,<2" numpy pytest hypothesis pandas matplotlib "dask[array,distributed]"
+	$(PIP) install --quiet "maturin>=1.9.4,<2" numpy pytest hypothesis pandas matplotlib "dask[array,distributed]" safetensors tqdm
 	touch $@
 
 venv: $(VENV)/.deps

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use crate::attention::{self, AttentionOptions, Layout};
 use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions};
 use crate::targets::Kind;
-use crate::{threads, Error};
+use crate::{losses, threads, Error};
 
 /// A float array of any supported dtype; the kernels are generic over it.
 #[derive(FromPyObject)]
@@ -171,6 +171,19 @@ fn scores_from_qk<'py>(
     })
 }
 
+/// Per-token cross-entropy `[*lead, n - 1]` from logits `[*lead, n, vocab]` and tokens `[*lead, n]`.
+#[pyfunction]
+#[pyo3(signature = (logits, tokens))]
+fn token_losses<'py>(
+    py: Python<'py>,
+    logits: FloatArray<'py>,
+    tokens: PyReadonlyArrayDyn<'py, i64>,
+) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+    let tokens = tokens.as_array();
+    let result = with_view!(&logits, |view| py.detach(|| losses::token_losses(view, tokens))).map_err(value_error)?;
+    Ok(result.into_pyarray(py))
+}
+
 /// Sets the number of threads every later call uses (n >= 1).
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -189,6 +202,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(detection_scores, m)?)?;
     m.add_function(wrap_pyfunction!(attention_patterns, m)?)?;
     m.add_function(wrap_pyfunction!(scores_from_qk, m)?)?;
+    m.add_function(wrap_pyfunction!(token_losses, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,10 +1,12 @@
-//! induct_fast: scores for induction circuits over attention patterns.
+//! induct_fast: scores for induction circuits over attention patterns, and per-token losses.
 //!
 //! The core modules are pure Rust (ndarray views in, owned arrays out) and are tested by
 //! `cargo test` alone; `bindings` (feature `python`) is the only code that knows about Python.
 
 pub mod attention;
 pub mod error;
+pub mod logsumexp;
+pub mod losses;
 pub mod scores;
 pub mod stack;
 pub mod targets;
@@ -15,5 +17,6 @@ mod bindings;
 
 pub use attention::{attention_patterns, scores_from_qk, AttentionOptions, Layout};
 pub use error::{Error, Result};
+pub use losses::token_losses;
 pub use scores::{detection_scores, head_scores, per_query_scores, Detection, Reduce, DetectionOptions, Measure, ScoreOptions};
 pub use targets::Kind;

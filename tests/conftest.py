@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Plots are written to files only: never open a window, never need a display.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
 # tests/ on sys.path so every test module can `import oracle` however pytest is invoked.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -87,3 +87,52 @@ def lead_shapes(draw, max_heads: int = 12):
 
 # n = 1 and 2 are edge cases (no or one eligible query); most examples are longer
 sequence_lengths = st.one_of(st.sampled_from((1, 2)), st.integers(3, 40), st.integers(8, 40), st.integers(16, 40))
+
+
+class FakeDevice:
+    """A torch.device stand-in: ``.type`` is "cpu", "cuda", ...; str() is the full spec."""
+
+    def __init__(self, spec: str):
+        self.type = spec.split(":")[0]
+        self._spec = spec
+
+    def __str__(self) -> str:
+        return self._spec
+
+
+class FakeTensor:
+    """Mimics the torch.Tensor API that array intake uses (``device``, ``detach()``, ``numpy()``,
+    plus ``shape``/``ndim``/``dtype`` and slicing), sharing memory with a numpy array the way a
+    CPU tensor does. torch itself is not installed (several GB)."""
+
+    def __init__(self, data: np.ndarray, device: str = "cpu"):
+        self._data = data
+        self.device = FakeDevice(device)
+        self.numpy_calls = 0
+
+    @property
+    def shape(self) -> tuple:
+        return self._data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self._data.ndim
+
+    @property
+    def dtype(self) -> str:
+        return f"torch.{self._data.dtype}"
+
+    def detach(self) -> "FakeTensor":
+        return self
+
+    def numpy(self) -> np.ndarray:
+        if self.device.type != "cpu":
+            raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() first.")
+        self.numpy_calls += 1
+        return self._data  # torch's .numpy() shares memory, so this must not copy either
+
+    def __getitem__(self, index) -> "FakeTensor":
+        return FakeTensor(self._data[index], str(self.device))
+
+    def __len__(self) -> int:
+        return len(self._data)

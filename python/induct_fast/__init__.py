@@ -1,9 +1,13 @@
 """induct_fast: find and measure induction circuits in transformers, fast.
 
 Scores over attention patterns (previous-token, duplicate-token, induction and more), exact
-TransformerLens ``head_detector`` parity, attention patterns from q and k, and the same scores
-fused into the attention so that long contexts never hold an n x n matrix; computed by a
-multi-threaded Rust core that releases the GIL. Importing the package needs only numpy.
+TransformerLens ``head_detector`` parity, attention patterns from q and k and the same scores
+fused into the attention (long contexts never hold an n x n matrix), QK/OV circuits from the
+weights; computed by a multi-threaded Rust core that releases the GIL. ``scan`` scores a whole
+model from a cache, a tuple of layers, q/k or a file into a ``HeadScores``; ``token_losses`` and
+``icl_score`` measure in-context learning. Importing the package needs only numpy (pandas,
+matplotlib, dask, tqdm, safetensors are imported by the functions that use them;
+``induct_fast.dask`` is a separate import).
 """
 
 from ._core import __version__, get_num_threads
@@ -26,7 +30,9 @@ from .scores import (
     offset_scores,
     previous_token_scores,
 )
-from .tokens import repeated_tokens
+from .tokens import icl_score, repeated_tokens, token_losses
+from .results import HeadScores
+from .scan import scan
 from ._arrays import as_count as _as_count
 from . import _core
 
@@ -41,6 +47,7 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "DEFAULT_KINDS",
+    "HeadScores",
     "KINDS",
     "CompositionBaseline",
     "__version__",
@@ -52,12 +59,15 @@ __all__ = [
     "duplicate_token_scores",
     "get_num_threads",
     "head_scores",
+    "icl_score",
     "induction_scores",
     "offset_scores",
     "ov_eigenvalues",
     "positional_qk_scores",
     "previous_token_scores",
     "repeated_tokens",
+    "scan",
     "scores_from_qk",
     "set_num_threads",
+    "token_losses",
 ]

@@ -16,15 +16,35 @@ def _describe(x: Any) -> str:
     return f"{type(x).__name__} of dtype {dtype}" if dtype is not None else type(x).__name__
 
 
+def is_tensor(x: Any) -> bool:
+    """A torch tensor, or an object with its array API (``device``, ``detach``, ``numpy``)."""
+    if isinstance(x, np.ndarray):
+        return False
+    if type(x).__module__.split(".")[0] == "torch":
+        return True
+    return all(hasattr(x, attr) for attr in ("device", "detach", "numpy"))
+
+
 def _from_torch(x: Any, name: str) -> Any:
-    """A CPU torch tensor as a numpy array without a copy; CUDA tensors are refused clearly."""
+    """A CPU torch tensor as a numpy array without a copy; CUDA tensors are refused clearly.
+
+    ``.numpy()`` shares the tensor's memory; where it refuses (tensors with lazy conjugate or
+    negative bits, say), DLPack is tried, which also shares memory. bfloat16 has no numpy dtype
+    and is widened to float32 (a copy).
+    """
     device = getattr(x, "device", None)
-    if getattr(device, "type", "cpu") != "cpu":
+    device_type = str(getattr(device, "type", device if device is not None else "cpu"))
+    if device_type.split(":")[0] != "cpu":
         raise ValueError(f"{name}: expected a CPU tensor or array, got a tensor on {device}; move it with .cpu() first")
     x = x.detach()
-    if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+    if str(getattr(x, "dtype", "")) == "torch.bfloat16":  # numpy has no bfloat16
         x = x.float()
-    return x.numpy()
+    try:
+        return x.numpy()
+    except (RuntimeError, TypeError) as exc:
+        if not hasattr(x, "__dlpack__"):
+            raise TypeError(f"{name}: could not view the tensor as a numpy array ({exc})") from None
+        return np.from_dlpack(x)
 
 
 def as_float_array(x: Any, name: str, *, integers: bool = True) -> np.ndarray:
@@ -36,7 +56,7 @@ def as_float_array(x: Any, name: str, *, integers: bool = True) -> np.ndarray:
     """
     if x is None:
         raise TypeError(f"{name}: expected a real numeric array, got None")
-    if type(x).__module__.startswith("torch"):
+    if is_tensor(x):
         x = _from_torch(x, name)
     try:
         arr = np.asarray(x)
@@ -61,7 +81,7 @@ def as_tokens(tokens: Any, name: str = "tokens") -> np.ndarray | None:
     """Token ids as a C-contiguous int64 array (they are small); any integer dtype is accepted."""
     if tokens is None:
         return None
-    if type(tokens).__module__.startswith("torch"):
+    if is_tensor(tokens):
         tokens = _from_torch(tokens, name)
     arr = np.asarray(tokens)
     if arr.dtype.kind not in "iu":

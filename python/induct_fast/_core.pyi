@@ -52,5 +52,12 @@ def scores_from_qk(
 ) -> npt.NDArray[np.float64]:
     """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means."""
 
+def token_losses(
+    logits: npt.NDArray[np.floating],
+    tokens: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """[*lead, n - 1] cross-entropy of tokens[..., 1:] under logits[..., :-1, :]; logits
+    [*lead, n, vocab] with lead () or (batch,), tokens [*lead, n] in [0, vocab)."""
+
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

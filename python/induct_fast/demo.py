@@ -250,18 +250,6 @@ def build_demo_model(
 # --------------------------------------------------------------------------------------------
 
 
-def per_token_loss(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Cross-entropy of predicting token i+1 from position i: [batch, n, vocab] -> [batch, n-1].
-
-    loss[b, i] = logsumexp(logits[b, i]) - logits[b, i, tokens[b, i+1]].
-    """
-    logits = logits[:, :-1]
-    top = logits.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]
-    target = np.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return lse - target
-
-
 def _argmax_head(scores: np.ndarray) -> Tuple[int, int]:
     layer, head = np.unravel_index(int(np.nanargmax(scores)), scores.shape)
     return int(layer), int(head)
@@ -304,7 +292,7 @@ def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_sam
     prev, ind = found["previous_token"], found["induction"]
     k_score = float(k_comp[prev[0], prev[1], ind[0], ind[1]])
     copying = inf.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
-    loss = per_token_loss(logits, tokens)
+    loss = inf.token_losses(logits, tokens)
     first, second = float(loss[:, :period].mean()), float(loss[:, period:].mean())
     return {
         "model": {"n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.W_Q.shape[2],

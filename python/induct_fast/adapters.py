@@ -1,0 +1,193 @@
+"""What :func:`induct_fast.scan` can read: every supported source becomes a :class:`Layers`, a
+stream of per-layer items that is consumed one layer at a time.
+
+================================================  =============================================
+source                                            read as
+================================================  =============================================
+array / CPU tensor ``[batch, layer, head, n, n]``  one stacked array (scored in a single call)
+tuple/list of ``[batch, head, n, n]``              layers (Hugging Face ``output_attentions``)
+object with ``.attentions`` (a model output)       its ``attentions`` tuple
+TransformerLens ``ActivationCache`` or a dict      ``blocks.{l}.attn.hook_pattern`` per layer, else
+                                                   ``blocks.{l}.attn.hook_q`` / ``hook_k``
+other ``cache["pattern", l]`` lookups              ``l = 0, 1, ...`` until KeyError / IndexError
+``(q, k)`` of ``[batch, layer, n, heads, d_head]``  per-layer ``(q[:, l], k[:, l])``
+``(qs, ks)``, two lists of ``[batch, n, heads, d]``  per-layer pairs
+path / :class:`~induct_fast.files.PatternFile`     its layers, one at a time (``files`` module)
+any other iterable                                 layers, as it yields them (generators too)
+================================================  =============================================
+
+Nothing here copies: arrays and tensors are viewed, layers are taken lazily, so a per-layer
+source never has all its layers in memory at once unless it holds them itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+from ._arrays import as_float_array, is_tensor
+from .files import PatternFile
+
+PATTERN_KEY = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
+Q_KEY = "blocks.{}.attn.hook_q"
+K_KEY = "blocks.{}.attn.hook_k"
+
+
+@dataclass
+class Layers:
+    """A source as layers.
+
+    Attributes
+    ----------
+    kind : {"patterns", "qk"}
+        Items are pattern arrays ``[batch, head, n, n]`` (or ``[head, n, n]``), or ``(q, k)``
+        pairs ``[batch, n, heads, d_head]``.
+    items : iterable
+        The per-layer items, produced lazily.
+    n_layers : int or None
+        The number of layers when known up front (for progress bars).
+    stacked : array or None
+        For a single ``[batch, layer, head, n, n]`` array: the array itself (``items`` is empty).
+    tokens : ndarray or None
+        Token ids that came with the source (a file's ``tokens`` entry).
+    lazy : bool
+        Items are functions that read their layer when called (files), so a consumer holds
+        only the layer it is working on.
+    """
+
+    kind: str
+    items: Iterable[Any] = ()
+    n_layers: Optional[int] = None
+    stacked: Any = None
+    tokens: Optional[np.ndarray] = None
+    lazy: bool = False
+
+
+def layers_of(source: Any) -> Layers:
+    """The :class:`Layers` of any supported source (see the module docstring)."""
+    if isinstance(source, (str, bytes, os.PathLike)):
+        source = PatternFile(os.fsdecode(source))
+    if isinstance(source, PatternFile):
+        return Layers("patterns", source.loaders(), len(source), tokens=source.tokens, lazy=True)
+    if _is_array(source):
+        return _stacked(source)
+    if isinstance(source, (tuple, list)):
+        return _sequence(source)
+    attentions = getattr(source, "attentions", None)
+    if isinstance(attentions, (tuple, list)):  # transformers ModelOutput
+        return _sequence(attentions)
+    if hasattr(source, "keys") and hasattr(source, "__getitem__"):
+        return _keyed(source)
+    if hasattr(source, "__getitem__"):
+        first = _layer_zero(source)
+        if first is not None:
+            return Layers("patterns", _probe_layers(source, first))
+    if isinstance(source, Iterable):
+        return Layers("patterns", iter(source), _len_or_none(source))
+    raise TypeError(
+        "source: expected patterns [batch, layer, head, n, n], a tuple of per-layer patterns, an "
+        f"ActivationCache, a (q, k) pair or a file path, got {type(source).__name__}"
+    )
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or is_tensor(x) or hasattr(x, "__array_interface__") or hasattr(x, "__array__")
+
+
+def _ndim(x: Any) -> Optional[int]:
+    """ndim of an array or tensor without converting it; None for anything else."""
+    ndim = getattr(x, "ndim", None)
+    return ndim if isinstance(ndim, int) and _is_array(x) else None
+
+
+def _stacked(source: Any) -> Layers:
+    array = as_float_array(source, "source")
+    if array.ndim != 5:
+        raise ValueError(
+            "source: expected an array of shape (batch, layer, head, n, n), got shape "
+            f"{array.shape}; pass one layer [batch, head, n, n] as a list ([patterns]) or add the batch axis"
+        )
+    return Layers("patterns", (), array.shape[1], stacked=array)
+
+
+def _sequence(source: Any) -> Layers:
+    """A tuple/list: a (q, k) pair (two 5-d arrays, or two per-layer lists) or per-layer patterns."""
+    if len(source) == 2:
+        q, k = source
+        if _ndim(q) == 5 and _ndim(k) == 5:
+            return _qk_stacked(q, k)
+        if isinstance(q, (tuple, list)) and isinstance(k, (tuple, list)):
+            if len(q) != len(k):
+                raise ValueError(f"source: expected as many q as k layers, got {len(q)} and {len(k)}")
+            return Layers("qk", zip(q, k), len(q))
+    return Layers("patterns", iter(source), len(source))
+
+
+def _qk_stacked(q: Any, k: Any) -> Layers:
+    q = as_float_array(q, "q")
+    k = as_float_array(k, "k")
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"k: expected the batch and layer axes of q, shape ({q.shape[0]}, {q.shape[1]}, n, heads, d_head), got shape {k.shape}"
+        )
+    n_layers = q.shape[1]
+    return Layers("qk", ((q[:, layer], k[:, layer]) for layer in range(n_layers)), n_layers)
+
+
+def _keyed(cache: Any) -> Layers:
+    """A TransformerLens ActivationCache (or any mapping) by its hook names."""
+    keys = [str(key) for key in cache.keys()]
+    layers = sorted(int(m.group(1)) for m in map(PATTERN_KEY.match, keys) if m)
+    if layers:
+        _check_contiguous(layers, "blocks.{}.attn.hook_pattern")
+        return Layers("patterns", (cache[f"blocks.{layer}.attn.hook_pattern"] for layer in layers), len(layers))
+    key_set = set(keys)
+    n_qk = 0
+    while Q_KEY.format(n_qk) in key_set and K_KEY.format(n_qk) in key_set:
+        n_qk += 1
+    if n_qk:
+        return Layers("qk", ((cache[Q_KEY.format(layer)], cache[K_KEY.format(layer)]) for layer in range(n_qk)), n_qk)
+    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    raise ValueError(
+        "source: expected a cache with attention patterns (keys 'blocks.{l}.attn.hook_pattern') or "
+        f"queries and keys ('blocks.{{l}}.attn.hook_q' / 'hook_k'), got keys [{shown}]"
+    )
+
+
+def _check_contiguous(layers: list[int], pattern: str) -> None:
+    missing = sorted(set(range(layers[-1] + 1)) - set(layers))
+    if missing:
+        raise ValueError(f"source: expected keys {pattern!r} for layers 0..{layers[-1]}, missing layer {missing[0]}")
+
+
+def _layer_zero(cache: Any) -> Any:
+    """``cache["pattern", 0]``, or None if the object does not answer such lookups."""
+    try:
+        return cache["pattern", 0]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _probe_layers(cache: Any, first: Any) -> Iterator[Any]:
+    """``cache["pattern", l]`` for l = 0, 1, ... until the cache has no such layer."""
+    yield first
+    del first  # do not pin layer 0 for the whole scan
+    layer = 1
+    while True:
+        try:
+            item = cache["pattern", layer]
+        except (KeyError, IndexError):
+            return
+        yield item
+        layer += 1
+
+
+def _len_or_none(x: Any) -> Optional[int]:
+    try:
+        return len(x)
+    except TypeError:
+        return None

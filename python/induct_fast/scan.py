@@ -1,0 +1,179 @@
+"""``scan``: one call from whatever holds a model's attention (or its queries and keys) to a
+:class:`~induct_fast.results.HeadScores`, layer by layer."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+
+import numpy as np
+
+from ._arrays import as_float_array, as_tokens
+from .adapters import Layers, layers_of
+from .results import HeadScores
+from .scores import DEFAULT_KINDS, KindArg, _kind_names, head_scores
+
+
+def scan(
+    source: Any,
+    tokens: Any = None,
+    *,
+    kinds: KindArg = DEFAULT_KINDS,
+    offsets: Iterable[int] = (),
+    exclude_bos: bool = False,
+    progress: bool = False,
+    qk_options: Optional[Mapping[str, Any]] = None,
+) -> HeadScores:
+    """Scores every head of a model, from its attention patterns or its queries and keys.
+
+    Parameters
+    ----------
+    source
+        Any of (see :mod:`induct_fast.adapters`):
+
+        - patterns ``[batch, layer, head, n, n]``: numpy array, memmap or CPU torch tensor;
+        - a tuple/list of per-layer patterns ``[batch, head, n, n]`` (Hugging Face
+          ``output_attentions``; a model output with ``.attentions`` works too) or any iterable of
+          them (a generator reading layers from disk);
+        - a TransformerLens ``ActivationCache`` (or a dict) with ``blocks.{l}.attn.hook_pattern``,
+          or with ``hook_q``/``hook_k`` only; any object answering ``cache["pattern", l]``;
+        - a ``(q, k)`` pair, each ``[batch, layer, n, heads, d_head]`` (or two per-layer lists of
+          ``[batch, n, heads, d_head]``), scored by :func:`induct_fast.scores_from_qk` without
+          ever forming an n x n matrix;
+        - a path to a ``.npy``/``.npz``/``.safetensors`` file (see :mod:`induct_fast.files`).
+    tokens : array_like of int, shape (n,) or (batch, n), optional
+        Token ids; needed by ``duplicate_token`` and ``induction``. Defaults to the ``tokens``
+        entry of a file source.
+    kinds, offsets, exclude_bos
+        As in :func:`induct_fast.head_scores`.
+    progress : bool
+        Show a progress bar over layers on stderr (tqdm if installed, else a counter).
+    qk_options : mapping, optional
+        Extra keyword arguments for ``scores_from_qk`` (``scale``, ``layout``, ...).
+
+    Returns
+    -------
+    HeadScores
+        ``per_prompt[kind]`` of shape ``(batch, layer, head)``; ``scores[kind]`` (or
+        ``result[kind]``) of shape ``(layer, head)``, the mean over prompts.
+
+    Notes
+    -----
+    A stacked array is scored in one call (all heads in parallel). Every other source is read
+    one layer at a time: each layer is scored and released before the next is taken, so memory
+    holds one layer plus the ``[batch, layer, head]`` results. Layers must agree in shape.
+    """
+    names = _kind_names(kinds, offsets)
+    layers = layers_of(source)
+    if tokens is None:
+        tokens = layers.tokens
+    tokens = as_tokens(tokens)
+    if layers.stacked is not None:
+        stacked = layers.stacked
+        _check_tokens(tokens, stacked.shape[0], stacked.shape[-1])
+        return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos))
+    if layers.kind == "qk":
+        score = _qk_scorer(tokens, kinds, offsets, exclude_bos, names, dict(qk_options or {}))
+    else:
+        score = _pattern_scorer(tokens, names, exclude_bos)
+    return HeadScores(_stack_layers(_score_layers(layers, score, progress), names))
+
+
+def _score_layers(layers: Layers, score: Callable[[int, Any], dict], progress: bool) -> Iterator[dict]:
+    """Scores of each layer in turn; a layer is released before the next one is read."""
+    for index, item in enumerate(_progress(layers.items, layers.n_layers, progress)):
+        # A lazy item is read here and referenced by `score` alone, so its memory (a file
+        # layer's mapping) is released when `score` returns, before the next layer is read.
+        yield score(index, item() if layers.lazy else item)
+
+
+def _stack_layers(per_layer: Iterable[dict], names: list[str]) -> dict[str, np.ndarray]:
+    """{kind: [batch, layer, head]} from per-layer {kind: [batch, head]}."""
+    collected: dict[str, list] = {name: [] for name in names}
+    for result in per_layer:
+        for name in names:
+            collected[name].append(result[name])
+    if not collected[names[0]]:
+        raise ValueError("source: expected at least one layer, got none")
+    return {name: np.stack(values, axis=1) for name, values in collected.items()}
+
+
+def _pattern_scorer(tokens: Optional[np.ndarray], names: list[str], exclude_bos: bool) -> Callable[[int, Any], dict]:
+    """Scores one layer of patterns [batch, head, n, n] ([head, n, n]: a batch of one), after
+    checking it has the first layer's shape."""
+    first: list[tuple] = []
+
+    def score(index: int, layer: Any) -> dict:
+        array = as_float_array(layer, f"layer {index}")
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4:
+            raise ValueError(f"layer {index}: expected patterns of shape (batch, head, n, n), got shape {array.shape}")
+        if not first:
+            first.append(array.shape)
+            _check_tokens(tokens, array.shape[0], array.shape[-1])
+        elif array.shape != first[0]:
+            raise ValueError(f"layer {index}: expected shape {first[0]} like layer 0, got shape {array.shape}")
+        return head_scores(array, tokens, kinds=names, exclude_bos=exclude_bos)
+
+    return score
+
+
+def _qk_scorer(
+    tokens: Optional[np.ndarray], kinds: Any, offsets: Iterable[int], exclude_bos: bool, names: list[str], options: dict
+) -> Callable[[int, Any], dict]:
+    """Scores one layer's (q, k) through induct_fast.scores_from_qk."""
+    from .attention import scores_from_qk
+
+    offsets = tuple(offsets)
+
+    def score(index: int, pair: Any) -> dict:
+        q, k = pair
+        result = scores_from_qk(q, k, tokens, kinds=kinds, offsets=offsets, exclude_bos=exclude_bos, **options)
+        for name in names:
+            if np.ndim(result[name]) != 2:
+                raise ValueError(
+                    f"layer {index}: expected q and k of shape (batch, n, heads, d_head), so that scores are "
+                    f"(batch, heads); got scores of shape {np.shape(result[name])}"
+                )
+        return result
+
+    return score
+
+
+def _check_tokens(tokens: Optional[np.ndarray], batch: int, n: int) -> None:
+    """Tokens are [n] or [batch, n] (or [1, n]) for patterns of `batch` prompts of length n."""
+    if tokens is None:
+        return
+    fits = tokens.shape[-1] == n and (tokens.ndim == 1 or tokens.shape[0] in (1, batch))
+    if not fits:
+        raise ValueError(
+            f"tokens: expected shape ({n},) or ({batch}, {n}) to match patterns of {batch} prompts "
+            f"of {n} positions, got shape {tokens.shape}"
+        )
+
+
+def _progress(items: Iterable[Any], total: Optional[int], enabled: bool) -> Iterable[Any]:
+    """`items`, with a progress bar on stderr when enabled: tqdm if installed, else a counter."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _counter(items, total)
+    return tqdm(items, total=total, desc="scan", unit="layer", file=sys.stderr)
+
+
+def _counter(items: Iterable[Any], total: Optional[int]) -> Iterator[Any]:
+    of_total = f"/{total}" if total is not None else ""
+    done = 0
+    try:
+        for item in items:
+            yield item
+            done += 1
+            sys.stderr.write(f"\rscan: layer {done}{of_total}")
+            sys.stderr.flush()
+    finally:
+        if done:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

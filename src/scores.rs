@@ -262,22 +262,24 @@ pub(crate) fn score_block(
     out: &mut [&mut [f64]],
 ) -> Result<Partial> {
     let (start, len) = (rows.start, rows.len());
-    let mut partial = vec![(0.0, 0usize); targets.len()];
+    let eligible = rows.start.max(1)..rows.end; // query 0 is never eligible
+    let mut partial = Vec::with_capacity(targets.len());
     // Per-row target mass and target count of the current kind.
     let mut mass = [0.0f64; BLOCK_ROWS];
     let mut hits = [0u32; BLOCK_ROWS];
     for (k, t) in targets.iter().enumerate() {
-        let mut emit = |i: usize, value: f64| {
-            partial[k].0 += value;
-            partial[k].1 += 1;
-            if let Some(o) = out.get_mut(k) {
-                o[i - start] = value;
-            }
-        };
+        let mut out_k = out.get_mut(k).map(|o| &mut **o);
+        let (mut sum, mut count) = (0.0, 0usize);
         let Some(t) = t else {
-            for i in rows.start.max(1)..rows.end {
-                emit(i, block.entropy(i, first_key)?);
+            for i in eligible.clone() {
+                let value = block.entropy(i, first_key)?;
+                sum += value;
+                count += 1;
+                if let Some(o) = out_k.as_deref_mut() {
+                    o[i - start] = value;
+                }
             }
+            partial.push((sum, count));
             continue;
         };
         mass[..len].fill(0.0);
@@ -292,21 +294,44 @@ pub(crate) fn score_block(
                 }
             },
         );
-        // Query 0 is never eligible. A non-finite entry makes its row's mass non-finite.
-        for i in rows.start.max(1)..rows.end {
-            let r = i - start;
-            if hits[r] == 0 {
-                continue;
-            }
-            if !mass[r].is_finite() {
-                let mut columns = Vec::new();
-                t.for_each(i, |j, _| columns.push(j));
-                return Err(block.non_finite(i, &columns));
-            }
-            emit(i, mass[r] * block.scale(i));
+        (sum, count) = collect_masses(block, eligible.clone(), start, &mass, &hits, out_k);
+        // A non-finite entry makes its row's mass, and so the sum, non-finite: look for it
+        // only then, so the loops above need no per-entry check.
+        if !sum.is_finite() {
+            let i = eligible.clone().find(|&i| !mass[i - start].is_finite()).unwrap_or(start);
+            let mut columns = Vec::new();
+            t.for_each(i, |j, _| columns.push(j));
+            return Err(block.non_finite(i, &columns));
         }
+        partial.push((sum, count));
     }
     Ok(partial)
+}
+
+/// Sum and count of the scaled masses of the rows with a target, written to `out` when given.
+/// A function of its own so the running sum stays in a register.
+#[inline(never)]
+fn collect_masses(
+    block: &impl QueryRows,
+    eligible: Range<usize>,
+    start: usize,
+    mass: &[f64; BLOCK_ROWS],
+    hits: &[u32; BLOCK_ROWS],
+    mut out: Option<&mut [f64]>,
+) -> (f64, usize) {
+    let (mut sum, mut count) = (0.0, 0usize);
+    for i in eligible {
+        let r = i - start;
+        if hits[r] > 0 {
+            let value = mass[r] * block.scale(i);
+            sum += value;
+            count += 1;
+            if let Some(o) = out.as_deref_mut() {
+                o[r] = value;
+            }
+        }
+    }
+    (sum, count)
 }
 
 /// A block of rows of one head of a stored pattern stack.
@@ -315,22 +340,22 @@ struct StoredRows<'s, 'a, T> {
     a: Matrix<'s, T>,
     h: usize,
     start: usize,
-    /// Per row, 1 / (1 - A[i, 0]) with exclude_bos (0 for a row with no mass outside key 0,
-    /// which renormalises to all zeros), else 1.
-    scales: [f64; BLOCK_ROWS],
+    /// With exclude_bos, per row 1 / (1 - A[i, 0]) (0 for a row with no mass outside key 0,
+    /// which renormalises to all zeros); empty without it (every scale is 1).
+    scales: Vec<f64>,
 }
 
 impl<'s, 'a, T: Real> StoredRows<'s, 'a, T> {
     fn new(stack: &'s MatrixStack<'a, T>, h: usize, rows: Range<usize>, options: ScoreOptions) -> Result<Self> {
         let a = stack.head(h);
-        let mut scales = [1.0; BLOCK_ROWS];
+        let mut scales = Vec::new();
         if options.exclude_bos {
-            for (scale, i) in scales.iter_mut().zip(rows.clone()) {
+            for i in rows.clone() {
                 let bos = a.get(i, 0).to_f64();
                 if !bos.is_finite() {
                     return Err(non_finite(stack, h, i, 0, bos));
                 }
-                *scale = if bos < 1.0 { 1.0 / (1.0 - bos) } else { 0.0 };
+                scales.push(if bos < 1.0 { 1.0 / (1.0 - bos) } else { 0.0 });
             }
         }
         Ok(StoredRows { stack, a, h, start: rows.start, scales })
@@ -350,7 +375,7 @@ impl<T: Real> QueryRows for StoredRows<'_, '_, T> {
 
     #[inline(always)]
     fn scale(&self, i: usize) -> f64 {
-        self.scales[i - self.start]
+        if self.scales.is_empty() { 1.0 } else { self.scales[i - self.start] }
     }
 
     fn entropy(&self, i: usize, first_key: usize) -> Result<f64> {

@@ -174,8 +174,10 @@ impl<'a> Targets<'a> {
 
     /// Calls `visit(i, j, weight)` for every query i in `rows` (in increasing order) and target
     /// key j of it, and before row i, `ahead(i + LOOKAHEAD_ROWS, j')` with the first target j' of
-    /// that later row (when it is inside `rows`), so callers can prefetch scattered entries. The
-    /// kind is matched once per call, so each arm is a tight loop over rows.
+    /// that later row, so callers can prefetch scattered entries. The later row may lie past
+    /// `rows` (the next block is usually next on the same thread) or even past the matrix: `ahead`
+    /// must ignore positions out of range. The kind is matched once per call, so each arm is a
+    /// tight loop over rows.
     #[inline]
     pub fn for_each_in_rows(
         &self,
@@ -183,20 +185,18 @@ impl<'a> Targets<'a> {
         mut ahead: impl FnMut(usize, usize),
         mut visit: impl FnMut(usize, usize, f64),
     ) {
-        let later = |i: usize| Some(i + LOOKAHEAD_ROWS).filter(|&l| l < rows.end);
         match *self {
             Targets::Offset(d) => {
                 for i in rows.start.max(d)..rows.end {
-                    if let Some(l) = later(i) {
-                        ahead(l, l - d);
-                    }
+                    ahead(i + LOOKAHEAD_ROWS, i + LOOKAHEAD_ROWS - d);
                     visit(i, i - d, 1.0);
                 }
             }
             Targets::Bos => rows.clone().for_each(|i| visit(i, 0, 1.0)),
             Targets::Chain { chain, shift } => {
                 for i in rows.clone() {
-                    if let Some((l, p)) = later(i).and_then(|l| chain.earlier(l).next().map(|p| (l, p))) {
+                    let l = i + LOOKAHEAD_ROWS;
+                    if let Some(p) = (l < chain.prev.len()).then(|| chain.earlier(l).next()).flatten() {
                         ahead(l, p + shift);
                     }
                     chain.earlier(i).for_each(|p| visit(i, p + shift, 1.0));
@@ -216,7 +216,7 @@ impl<'a> Targets<'a> {
 
 /// How many rows ahead `for_each_in_rows` announces targets: enough loads in flight to hide
 /// memory latency when every row sits on its own page.
-pub const LOOKAHEAD_ROWS: usize = 16;
+pub const LOOKAHEAD_ROWS: usize = 32;
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod logsumexp;
 pub mod losses;
 pub mod scores;
+pub mod simd;
 pub mod stack;
 pub mod targets;
 pub mod threads;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{shape_str, Error, Result};
 use crate::logsumexp::{OnlineLse, CHUNK};
+use crate::simd::{self, Level};
 use crate::stack::Real;
 use crate::threads;
 
@@ -105,24 +106,20 @@ fn index_str(b: usize, i: usize, v: Option<usize>, batched: bool) -> String {
 /// The loss of one row against its target id, or None if a logit is not finite.
 type RowLoss<T> = fn(ArrayView1<'_, T>, usize) -> Option<f64>;
 
-/// The fastest row kernel this CPU runs, chosen once per call.
+/// The fastest row kernel this CPU runs (see `simd::level`).
 fn row_loss_fn<T: Real>() -> RowLoss<T> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return |row, target| unsafe { row_loss_avx512(row, target) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return |row, target| unsafe { row_loss_avx2(row, target) };
-        }
+    match simd::level() {
+        // SAFETY: `level` checked that the CPU has the features the function is compiled for.
+        Level::Avx512 => return |row, target| unsafe { row_loss_avx512(row, target) },
+        Level::Avx2Fma => return |row, target| unsafe { row_loss_avx2(row, target) },
+        Level::Sse41 | Level::Baseline => {}
     }
     row_loss::<T, false>
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
 unsafe fn row_loss_avx512<T: Real>(row: ArrayView1<'_, T>, target: usize) -> Option<f64> {
     row_loss::<T, true>(row, target)
 }

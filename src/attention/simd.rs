@@ -3,13 +3,13 @@
 //! Rust never reassociates or contracts floating-point arithmetic, so a plain loop summing into
 //! one accumulator cannot vectorise. Every reduction here keeps [`LANES`] independent partial
 //! results, which LLVM maps onto SIMD registers, and combines them in a fixed order; the result
-//! is therefore the same for every instruction set and thread count. `std`'s `expf` is a libm
-//! call that does not vectorise, so f32 uses [`exp_f32`], a polynomial in plain arithmetic.
+//! is therefore the same for every instruction set and thread count. `std`'s exp is a libm call
+//! that does not vectorise, so the exponentials are `crate::simd`'s polynomials.
 //!
-//! Each slice routine is compiled three times (`avx2,fma` and `sse4.1` builds, plus the baseline)
-//! and picked once per process at run time, so wheels need no `target-cpu=native`.
+//! Each slice routine is compiled per CPU level and picked at run time (`crate::simd`).
 
-use std::sync::OnceLock;
+pub(crate) use crate::simd::has_fma;
+use crate::simd::{dispatched, exp_f32, exp_f64};
 
 /// Partial results per reduction. 16 f32 fill one AVX-512 register or two AVX2 registers.
 pub const LANES: usize = 16;
@@ -18,41 +18,7 @@ pub const LANES: usize = 16;
 /// `BLOCK / LANES` = 16 terms per lane, so the f32 rounding error stays below ~1e-6 relative.
 pub const BLOCK: usize = 256;
 
-/// Below this, e^x is under f32's smallest normal number; [`exp_f32`] returns 0 there.
-const EXP_F32_MIN_ARG: f32 = -87.336_54;
-
-/// e^x for x <= 0 (positive x is treated as 0), within 2 ulp; NaN stays NaN, -inf gives 0.
-///
-/// e^x = 2^n · e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by its Taylor polynomial of
-/// degree 7 (truncation error r^8 / 8! < 6e-9 relative). Written without branches or calls so
-/// that loops over it vectorise. `FMA` fuses the Horner steps (only where the CPU has FMA:
-/// elsewhere `mul_add` is a slow libm call).
-#[inline(always)]
-pub fn exp_f32<const FMA: bool>(x: f32) -> f32 {
-    // 1.5 · 2^23: adding it rounds to an integer (ties to even) and leaves that integer in the
-    // low mantissa bits, so n is read from the bits without a float-to-int conversion.
-    const ROUNDER: f32 = 12_582_912.0;
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that n · LN2_HI is exact for |n| <= 2^8 (Cody and Waite): 0.693359375.
-    const LN2_HI: f32 = f32::from_bits(0x3f31_8000);
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
-    let clamped = x.clamp(EXP_F32_MIN_ARG, 0.0); // NaN stays NaN
-    let shifted = madd(clamped, LOG2_E, ROUNDER);
-    let n = shifted - ROUNDER;
-    let n_bits = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
-    let r = madd(n, -LN2_LO, madd(n, -LN2_HI, clamped));
-    let mut p = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = madd(p, r, c);
-    }
-    let two_n = f32::from_bits(((n_bits + 127) << 23) as u32);
-    let value = p * two_n;
-    // Comparisons with NaN are false, so NaN input reaches `value` (NaN) and is kept.
-    if x < EXP_F32_MIN_ARG { 0.0 } else { value }
-}
-
-/// The element types of the softmax: f32 (vectorised exp) and f64 (libm exp).
+/// The element types of the softmax, each with its vectorisable exp.
 pub trait Lane: Copy + PartialOrd + Send + Sync + 'static {
     const ZERO: Self;
     const NEG_INFINITY: Self;
@@ -119,7 +85,7 @@ impl Lane for f64 {
     }
     #[inline(always)]
     fn exp_nonpositive<const FMA: bool>(self) -> f64 {
-        self.exp()
+        exp_f64::<FMA>(self)
     }
 }
 
@@ -194,78 +160,6 @@ fn scale_impl<T: Lane>(s: &mut [T], factor: T) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Level {
-    Baseline,
-    Sse41,
-    Avx2Fma,
-    Avx512,
-}
-
-fn level() -> Level {
-    static LEVEL: OnceLock<Level> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            let avx512 = is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512dq");
-            if avx2 && avx512 {
-                return Level::Avx512;
-            }
-            if avx2 {
-                return Level::Avx2Fma;
-            }
-            if is_x86_feature_detected!("sse4.1") {
-                return Level::Sse41;
-            }
-        }
-        Level::Baseline
-    })
-}
-
-/// True when the CPU fuses multiply-adds (then GEMM kernels use FMA, and so does `dot`).
-pub fn has_fma() -> bool {
-    matches!(level(), Level::Avx2Fma | Level::Avx512)
-}
-
-/// Defines `pub fn $name` that runs an `#[inline(always)]` body compiled for the best
-/// instruction set the CPU has: `$fused` (FMA allowed) on AVX-512 and AVX2+FMA CPUs, `$plain`
-/// elsewhere. Results can differ in the last bit between those two groups of CPUs, never
-/// between threads or runs on one machine.
-macro_rules! dispatched {
-    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $fused:expr, $plain:expr) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) -> $ret {
-                    $fused($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    $fused($($arg),*)
-                }
-                #[target_feature(enable = "sse4.1")]
-                unsafe fn sse41($($arg: $ty),*) -> $ret {
-                    $plain($($arg),*)
-                }
-                match level() {
-                    // SAFETY: `level` checked that the CPU has these features.
-                    Level::Avx512 => return unsafe { avx512($($arg),*) },
-                    Level::Avx2Fma => return unsafe { avx2($($arg),*) },
-                    Level::Sse41 => return unsafe { sse41($($arg),*) },
-                    Level::Baseline => {}
-                }
-            }
-            $plain($($arg),*)
-        }
-    };
-}
-
 dispatched!(
     /// Largest element of f32 logits (-inf if empty; NaN skipped).
     max_f32(s: &[f32]) -> f32 = max_impl::<f32>, max_impl::<f32>
@@ -287,22 +181,26 @@ dispatched!(
     scale_f32(s: &mut [f32], factor: f32) -> () = scale_impl::<f32>, scale_impl::<f32>
 );
 
-/// f64 versions: libm's exp dominates, so one baseline build is enough.
-pub fn max_f64(s: &[f64]) -> f64 {
-    max_impl(s)
-}
-pub fn exp_sum_f64(s: &[f64], m: f64) -> f64 {
-    exp_sum_impl::<f64, false>(s, m)
-}
-pub fn exp_weighted_sum_f64(s: &[f64], m: f64) -> f64 {
-    exp_weighted_sum_impl::<f64, false>(s, m)
-}
-pub fn exp_in_place_f64(s: &mut [f64], m: f64) -> f64 {
-    exp_in_place_impl::<f64, false>(s, m)
-}
-pub fn scale_f64(s: &mut [f64], factor: f64) {
-    scale_impl(s, factor)
-}
+dispatched!(
+    /// Largest element of f64 logits (-inf if empty; NaN skipped).
+    max_f64(s: &[f64]) -> f64 = max_impl::<f64>, max_impl::<f64>
+);
+dispatched!(
+    /// sum_j e^(s_j - m) over f64 logits, m >= every s_j.
+    exp_sum_f64(s: &[f64], m: f64) -> f64 = exp_sum_impl::<f64, true>, exp_sum_impl::<f64, false>
+);
+dispatched!(
+    /// sum_j e^(s_j - m) (s_j - m) over f64 logits, m >= every s_j.
+    exp_weighted_sum_f64(s: &[f64], m: f64) -> f64 = exp_weighted_sum_impl::<f64, true>, exp_weighted_sum_impl::<f64, false>
+);
+dispatched!(
+    /// s_j <- e^(s_j - m) for f64 logits; returns the sum.
+    exp_in_place_f64(s: &mut [f64], m: f64) -> f64 = exp_in_place_impl::<f64, true>, exp_in_place_impl::<f64, false>
+);
+dispatched!(
+    /// s_j <- factor · s_j.
+    scale_f64(s: &mut [f64], factor: f64) -> () = scale_impl::<f64>, scale_impl::<f64>
+);
 
 #[cfg(test)]
 mod tests {

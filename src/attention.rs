@@ -280,14 +280,14 @@ struct FusedRows<'v, C> {
 
 impl<C: Compute> QueryRows for FusedRows<'_, C> {
     fn entry(&self, i: usize, j: usize) -> f64 {
-        let log_sum_exp = self.online[i - self.start].log_sum_exp();
+        let row = &self.online[i - self.start];
         let masked = (self.causal && j > i) || self.mask.is_some_and(|m| !m[j]);
-        if masked || log_sum_exp == f64::NEG_INFINITY {
+        if masked || row.is_empty() {
             return 0.0;
         }
         // Rounded like the GEMM's entry (alpha · sum), so it matches the logit in the lse.
         let logit = C::dot(self.query.row(i), self.keys.row(j)).mul(self.scale);
-        (logit.widen() - log_sum_exp).exp()
+        row.probability(logit.widen())
     }
 
     /// The online softmax already leaves key 0 out under exclude_bos: nothing to rescale.

@@ -154,14 +154,15 @@ impl<'k> QueryPlan<'k> {
                 shape.push(n);
                 values
             }
-            None => means(&blocks, &partials, n_kinds, n_heads),
+            None => means(&blocks, &partials, n_kinds, n_heads)?,
         };
         Ok(ArrayD::from_shape_vec(IxDyn(&shape), flat).expect("output length matches its shape"))
     }
 }
 
-/// `[kinds, heads]` means from the partial sums of every block, combined in block order.
-fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize, n_heads: usize) -> Vec<f64> {
+/// `[kinds, heads]` means from the partial sums of every block, combined in block order. Only
+/// stored patterns of huge finite values can overflow here (fused masses are at most 1).
+fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize, n_heads: usize) -> Result<Vec<f64>> {
     let mut totals = vec![(0.0, 0usize); n_kinds * n_heads];
     for ((h, _), partial) in blocks.iter().zip(partials) {
         for (k, (sum, count)) in partial.iter().enumerate() {
@@ -170,7 +171,10 @@ fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize,
             total.1 += count;
         }
     }
-    totals.into_iter().map(|(sum, count)| if count == 0 { f64::NAN } else { sum / count as f64 }).collect()
+    if let Some(k) = totals.iter().position(|(sum, _)| !sum.is_finite()) {
+        return Err(overflow("patterns", format!("the sum over the queries of head {} (flat)", k % n_heads.max(1))));
+    }
+    Ok(totals.into_iter().map(|(sum, count)| if count == 0 { f64::NAN } else { sum / count as f64 }).collect())
 }
 
 /// Per block (in `row_blocks` order), one output slice per kind; empty lists without `out`.
@@ -222,7 +226,8 @@ fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize,
 }
 
 /// The error for the first non-finite entry among `columns` of row i (called once a sum over
-/// them came out non-finite, so the hot loops need no per-entry check).
+/// them came out non-finite, so the hot loops need no per-entry check). When every entry is
+/// finite, the sum itself overflowed: say so rather than blame an entry.
 fn first_non_finite<T: Real>(
     stack: &MatrixStack<'_, T>,
     a: &Matrix<'_, T>,
@@ -230,8 +235,15 @@ fn first_non_finite<T: Real>(
     i: usize,
     columns: impl IntoIterator<Item = usize>,
 ) -> Error {
-    let j = columns.into_iter().find(|&j| !a.get(i, j).to_f64().is_finite()).unwrap_or(0);
-    non_finite(stack, h, i, j, a.get(i, j).to_f64())
+    match columns.into_iter().find(|&j| !a.get(i, j).to_f64().is_finite()) {
+        Some(j) => non_finite(stack, h, i, j, a.get(i, j).to_f64()),
+        None => overflow("patterns", format!("row {i} of head {}", stack.lead_str(h))),
+    }
+}
+
+/// Finite values whose sum (or product) overflowed to infinity.
+fn overflow(arg: &'static str, place: String) -> Error {
+    Error::invalid(arg, "values small enough that their sums and products stay finite", format!("an overflow in {place}"))
 }
 
 /// The rows of one block of one head's pattern, as the per-query kernel reads them. Stored
@@ -247,7 +259,8 @@ pub(crate) trait QueryRows {
     fn scale(&self, i: usize) -> f64;
     /// -sum p log p over the renormalised row i, keys j >= first_key (0 log 0 = 0).
     fn entropy(&self, i: usize, first_key: usize) -> Result<f64>;
-    /// The error for row i whose mass over target `columns` came out NaN or infinite.
+    /// The error for row i whose mass over target `columns` came out NaN or infinite (no columns:
+    /// a sum over rows from i overflowed).
     fn non_finite(&self, i: usize, columns: &[usize]) -> Error;
 }
 
@@ -298,9 +311,15 @@ pub(crate) fn score_block(
         // A non-finite entry makes its row's mass, and so the sum, non-finite: look for it
         // only then, so the loops above need no per-entry check.
         if !sum.is_finite() {
-            let i = eligible.clone().find(|&i| !mass[i - start].is_finite()).unwrap_or(start);
-            let mut columns = Vec::new();
-            t.for_each(i, |j, _| columns.push(j));
+            // A row whose own mass is not finite, else the sum over rows overflowed (no columns).
+            let (i, columns) = match eligible.clone().find(|&i| !mass[i - start].is_finite()) {
+                Some(i) => {
+                    let mut columns = Vec::new();
+                    t.for_each(i, |j, _| columns.push(j));
+                    (i, columns)
+                }
+                None => (eligible.start, Vec::new()),
+            };
             return Err(block.non_finite(i, &columns));
         }
         partial.push((sum, count));
@@ -391,6 +410,9 @@ impl<T: Real> QueryRows for StoredRows<'_, '_, T> {
                 entropy -= p * p.ln();
             }
         }
+        if !entropy.is_finite() {
+            return Err(overflow("patterns", format!("the entropy of row {i} of head {}", self.stack.lead_str(self.h))));
+        }
         Ok(entropy)
     }
 
@@ -476,6 +498,8 @@ pub fn detection_scores<T: Real>(
             (None, None, sparse, group_of)
         }
     };
+    // Products with explicit weights can overflow; with a kind only the patterns are to blame.
+    let weights_arg = if kind.is_some() { "patterns" } else { "detection" };
     let targets_of = |h: usize| match (kind, &plan) {
         (Some(kind), Some(plan)) => Targets::of_kind(kind, plan.chains.get(group_of[h])).expect("not entropy"),
         _ => Targets::Sparse(&sparse[group_of[h]]),
@@ -485,7 +509,7 @@ pub fn detection_scores<T: Real>(
     let partials: Vec<(f64, f64)> = threads::install(|| {
         blocks
             .par_iter()
-            .map(|(h, rows)| detection_rows(&stack, *h, rows.clone(), &targets_of(*h), measure, options))
+            .map(|(h, rows)| detection_rows(&stack, *h, rows.clone(), &targets_of(*h), measure, options, weights_arg))
             .collect::<Result<_>>()
     })?;
 
@@ -493,6 +517,9 @@ pub fn detection_scores<T: Real>(
     for ((h, _), (x, y)) in blocks.iter().zip(partials) {
         totals[*h].0 += x;
         totals[*h].1 += y;
+    }
+    if let Some(h) = totals.iter().position(|(x, y)| !(x.is_finite() && y.is_finite())) {
+        return Err(overflow(weights_arg, format!("the sums over the rows of head {}", stack.lead_str(h))));
     }
     let scores = totals
         .into_iter()
@@ -512,6 +539,7 @@ fn detection_rows<T: Real>(
     targets: &Targets,
     measure: Measure,
     options: DetectionOptions,
+    weights_arg: &'static str,
 ) -> Result<(f64, f64)> {
     let a = stack.head(h);
     let n = stack.n();
@@ -538,6 +566,9 @@ fn detection_rows<T: Real>(
                 matched += if abs { (v - w).abs() - v.abs() } else { v * w };
             }
         });
+        if !matched.is_finite() {
+            return Err(overflow(weights_arg, format!("comparing row {i} of head {} with the detection pattern", stack.lead_str(h))));
+        }
         match measure {
             Measure::Mul => {
                 matched_total += matched;

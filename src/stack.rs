@@ -92,6 +92,11 @@ impl<'a, T: Real> MatrixStack<'a, T> {
         }
     }
 
+    /// Multi-index of head h over the leading axes, for error messages.
+    pub fn lead_str(&self, h: usize) -> String {
+        shape_str(&unravel(h, &self.lead)).replace(",)", ")")
+    }
+
     /// Multi-index `[*lead_index, i, j]` of an element, for error messages.
     pub fn index_str(&self, h: usize, i: usize, j: usize) -> String {
         let mut ix = unravel(h, &self.lead);

@@ -321,7 +321,7 @@ def _qk(n=6, heads=4, kv=2, d=8, lead=(2,)):
         (lambda: _qk()[:1] + (_qk(n=7)[1],), {}, r"^k: .*n = 6.*got n = 7"),
         (lambda: _qk(heads=4, kv=3), {}, r"^k: .*divides q's 4 heads.*got 3 kv heads"),
         (lambda: _qk(), {"layout": "bshd"}, r"^layout: expected \"bnhd\" or \"bhnd\", got \"bshd\""),
-        (lambda: _qk(), {"scale": float("nan")}, r"^scale: expected a finite number.*got NaN"),
+        (lambda: _qk(), {"scale": float("nan")}, r"^scale: expected a finite number.*got nan"),
         (lambda: _qk(), {"scale": float("inf")}, r"^scale: expected a finite number"),
         (lambda: _qk(), {"attention_mask": np.ones((2, 5))}, r"^attention_mask: expected .*\(2, 6\).*got shape \(2, 5\)"),
         (lambda: _qk(), {"attention_mask": np.ones((3, 6))}, r"^attention_mask: "),

@@ -318,11 +318,14 @@ def test_baseline_is_reproducible_and_cheap_at_gpt2_size():
     assert abs(single_head.mean - 256**-0.5) < 3e-3
 
 
-@pytest.mark.parametrize("bad", [{"d_model": 0}, {"d_head": -1}, {"n": 0}, {"d_model": 2.5}, {"d_head": True}])
-def test_baseline_rejects_bad_sizes(bad):
+@pytest.mark.parametrize(
+    "bad, error",
+    [({"d_model": 0}, ValueError), ({"d_head": -1}, ValueError), ({"n": 0}, ValueError), ({"d_model": 2.5}, TypeError), ({"d_head": True}, TypeError)],
+)
+def test_baseline_rejects_bad_sizes(bad, error):
     kwargs = {"d_model": 16, "d_head": 4, "n": 10, **bad}
     name = next(iter(bad))
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(error, match=name):
         inf.composition_baseline(kwargs.pop("d_model"), kwargs.pop("d_head"), **kwargs)
 
 

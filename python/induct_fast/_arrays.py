@@ -3,8 +3,10 @@ dtype checks with messages that name the argument. Kernels live in Rust; nothing
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -115,7 +117,12 @@ def as_key_mask(mask: Any, name: str = "attention_mask") -> np.ndarray | None:
         return None
     if type(mask).__module__.startswith("torch"):
         mask = _from_torch(mask, name)
-    arr = np.asarray(mask)
+    try:
+        arr = np.asarray(mask)
+    except ValueError as exc:  # ragged nested lists
+        raise ValueError(f"{name}: expected an array of 0/1 key flags, got {type(mask).__name__} ({exc})") from None
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name}: expected shape (n,) or (batch, n) of 0/1 key flags, got shape {arr.shape}")
     if arr.dtype.kind == "b":
         return arr
     if arr.dtype.kind not in "iuf":
@@ -125,3 +132,19 @@ def as_key_mask(mask: Any, name: str = "attention_mask") -> np.ndarray | None:
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name}: expected 0/1 key flags (1 = real token, 0 = padding), got {arr[index].item()!r} at index {index}")
     return arr != 0
+
+
+def as_seed(seed: Any, name: str = "seed") -> Optional[int]:
+    """None or an integer >= 0, as numpy's random generators take it."""
+    return None if seed is None else as_count(seed, name, 0)
+
+
+def as_scale(scale: Any, name: str = "scale") -> Optional[float]:
+    """None or a finite real number (a logit scale)."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name}: expected a real number or None, got {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{name}: expected a finite number or None, got {scale!r}")
+    return float(scale)

@@ -38,13 +38,12 @@ Choices
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable, Optional
 
 import numpy as np
 
 from . import _core
-from ._arrays import as_float_array, as_key_mask, as_tokens
+from ._arrays import as_float_array, as_key_mask, as_scale, as_tokens
 from .scores import DEFAULT_KINDS, KindArg, _kind_names
 
 LAYOUTS = ("bnhd", "bhnd")
@@ -61,10 +60,7 @@ def _qk(q: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _options(scale: Any, causal: Any, layout: Any) -> tuple[Optional[float], bool, str]:
-    if scale is not None:
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected a real number or None, got {scale!r}")
-        scale = float(scale)
+    scale = as_scale(scale)
     if not isinstance(layout, str):
         raise TypeError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     return scale, bool(causal), layout

@@ -20,12 +20,11 @@ linear algebra, so numpy's BLAS/LAPACK does the work; there is no Rust kernel he
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._arrays import as_float_array
+from ._arrays import as_count, as_float_array, as_scale, as_seed
 
 MODES = ("Q", "K", "V")
 
@@ -73,6 +72,18 @@ def _attention_weights(W_Q: Any, W_K: Any, W_V: Any, W_O: Any) -> Tuple[np.ndarr
     return W_Q, W_K, W_V, W_O
 
 
+def _unit_heads(W: np.ndarray) -> np.ndarray:
+    """W with each head's matrix scaled by a power of two to a largest |entry| in [0.5, 1).
+
+    Composition scores do not change when any head's weights are scaled, and powers of two
+    scale exactly, so this only keeps the Gram products of very large (or tiny) weights from
+    overflowing (or underflowing). All-zero heads are left as they are.
+    """
+    peak = np.abs(W).max(axis=(-2, -1), keepdims=True)
+    _, exponent = np.frexp(peak)
+    return np.ldexp(W, np.where(peak > 0, -exponent, 0))
+
+
 def _kv_weights(x: Any, name: str, L: int, H: int, d_model: int, d_head: int) -> np.ndarray:
     """A key or value weight [L, H_kv, d_model, d_head] with H_kv dividing H (grouped-query)."""
     x = _weights(x, name, 4, "[L, H_kv, d_model, d_head]")
@@ -87,15 +98,6 @@ def _value_output(W_V: Any, W_O: Any) -> Tuple[np.ndarray, np.ndarray]:
     W_O = _weights(W_O, "W_O", 4, "[L, H, d_head, d_model]")
     L, H, d_head, d_model = W_O.shape
     return _kv_weights(W_V, "W_V", L, H, d_model, d_head), W_O
-
-
-def _integer(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an integer, got {value!r}") from None
 
 
 def _parse_modes(mode: ModeArg) -> Tuple[str, ...]:
@@ -348,7 +350,7 @@ def composition_scores(
     (2, 4, 2, 4)
     """
     modes = _parse_modes(mode)
-    weights = _attention_weights(W_Q, W_K, W_V, W_O)
+    weights = [_unit_heads(W) for W in _attention_weights(W_Q, W_K, W_V, W_O)]
     scores = _composition(*weights, modes)
     return scores if not isinstance(mode, str) else scores[modes[0]]
 
@@ -479,11 +481,8 @@ def composition_baseline(d_model: int, d_head: int, *, n: int = 500, seed: Optio
     >>> 0.03 < b.mean < 0.05
     True
     """
-    for name, value in (("d_model", d_model), ("d_head", d_head), ("n", n)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    d_model, d_head, n = int(d_model), int(d_head), int(n)  # numpy integers too
-    rng = np.random.default_rng(seed)
+    d_model, d_head, n = (as_count(v, name, 1) for v, name in ((d_model, "d_model"), (d_head, "d_head"), (n, "n")))
+    rng = np.random.default_rng(as_seed(seed))
     sample = _square_samples if d_model <= d_head else _baseline_samples
     scores = sample(d_model, d_head, n, rng)
     return CompositionBaseline(float(scores.mean()), float(scores.std(ddof=1)) if n > 1 else 0.0, n, d_model, d_head)
@@ -615,15 +614,20 @@ def positional_qk_scores(
     W_K = _kv_weights(W_K, "W_K", L, H, d_model, d_head)
     W_pos = _weights(W_pos, "W_pos", 2, "[n_ctx, d_model]")
     _require(W_pos.shape[1] == d_model, "W_pos", f"shape (n_ctx, {d_model}) (d_model from W_Q)", W_pos.shape)
-    n = W_pos.shape[0] if n_positions is None else _integer(n_positions, "n_positions")
-    _require(2 <= n <= W_pos.shape[0], "n_positions", f"an integer in 2..{W_pos.shape[0]}", n_positions)
-    scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
+    _require(W_pos.shape[0] >= 2, "W_pos", "at least 2 positions (rows)", f"shape {W_pos.shape}")
+    n = W_pos.shape[0] if n_positions is None else as_count(n_positions, "n_positions", 2)
+    _require(n <= W_pos.shape[0], "n_positions", f"an integer in 2..{W_pos.shape[0]}", n_positions)
+    scale = as_scale(scale)
+    scale = 1.0 / math.sqrt(d_head) if scale is None else scale
     P = W_pos[:n]
     scores = np.empty((L, H))
     for layer in range(L):
         q = np.matmul(P, W_Q[layer])  # [H, n, d_head]
         k = _per_head(np.matmul(P, W_K[layer])[None], H)[0]
-        scores[layer] = _previous_position_mass(np.matmul(q, np.swapaxes(k, 1, 2)) * scale)
+        logits = np.matmul(q, np.swapaxes(k, 1, 2)) * scale
+        if not np.isfinite(logits).all():
+            raise ValueError(f"W_pos: expected weights whose positional logits stay finite, got an overflow in layer {layer}")
+        scores[layer] = _previous_position_mass(logits)
     return scores
 
 

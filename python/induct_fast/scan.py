@@ -73,6 +73,8 @@ def scan(
         _check_tokens(tokens, stacked.shape[0], stacked.shape[-1])
         return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos))
     if layers.kind == "qk":
+        if qk_options is not None and not isinstance(qk_options, Mapping):
+            raise TypeError(f"qk_options: expected a mapping of scores_from_qk keyword arguments, got {qk_options!r}")
         score = _qk_scorer(tokens, kinds, offsets, exclude_bos, names, dict(qk_options or {}))
     else:
         score = _pattern_scorer(tokens, names, exclude_bos)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import as_count, as_float_array, as_tokens
+from ._arrays import as_count, as_float_array, as_seed, as_tokens
 
 
 def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: Optional[int] = None, bos: Optional[int] = 0) -> np.ndarray:
@@ -21,17 +21,19 @@ def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: Optional[
     block while the vocabulary allows it, so for every query of the repeated half the induction
     target is exactly offset ``period - 1`` and the duplicate-token target offset ``period``.
     """
-    for name, value in (("batch", batch), ("period", period), ("vocab_size", vocab_size)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    rng = np.random.default_rng(seed)
-    candidates = np.arange(vocab_size, dtype=np.int64)
+    batch, period, vocab_size = (as_count(v, name, 1) for v, name in ((batch, "batch"), (period, "period"), (vocab_size, "vocab_size")))
     if bos is not None:
-        candidates = candidates[candidates != bos]
-    if candidates.size == 0:
+        bos = as_count(bos, "bos", 0)
+    n_candidates = vocab_size - int(bos is not None and bos < vocab_size)
+    if n_candidates == 0:
         raise ValueError(f"vocab_size: expected room for tokens other than bos={bos}, got {vocab_size}")
-    distinct = period <= candidates.size
-    blocks = np.stack([rng.choice(candidates, size=period, replace=not distinct) for _ in range(batch)])
+    rng = np.random.default_rng(as_seed(seed))
+    # Draw from range(n_candidates) (O(period) memory whatever the vocabulary), then step over
+    # the BOS id.
+    distinct = period <= n_candidates
+    blocks = np.stack([rng.choice(n_candidates, size=period, replace=not distinct) for _ in range(batch)]).astype(np.int64)
+    if bos is not None:
+        blocks[blocks >= bos] += 1
     parts = [blocks, blocks]
     if bos is not None:
         parts.insert(0, np.full((batch, 1), bos, dtype=np.int64))
@@ -73,6 +75,13 @@ def token_losses(logits: Any, tokens: Any) -> np.ndarray:
     arr = as_float_array(logits, "logits")
     if arr.ndim not in (2, 3):  # before the tokens, whose expected shape follows from this one
         raise ValueError(f"logits: expected shape (n, vocab) or (batch, n, vocab), got shape {arr.shape}")
+    if tokens is None:
+        raise TypeError("tokens: expected an integer array of token ids, got None")
+    raw = np.asarray(tokens)
+    if raw.dtype == np.uint64 and raw.size and raw.max() > np.iinfo(np.int64).max:
+        # int64 would wrap these ids to negative ones; report the id the caller gave.
+        index = tuple(int(i) for i in np.unravel_index(int(raw.argmax()), raw.shape))
+        raise ValueError(f"tokens: expected token ids in [0, vocab_size), got {raw[index]} at index {index}")
     ids = as_tokens(tokens, "tokens")
     return _core.token_losses(arr, ids)
 

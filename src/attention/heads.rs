@@ -117,7 +117,9 @@ impl<'a, C: Compute> QkHeads<'a, C> {
                 format!("n = {}, d_head = {} (shape {})", kd.n, kd.d_head, shape_str(ks)),
             ));
         }
-        if kd.heads == 0 || !dims.heads.is_multiple_of(kd.heads) {
+        // Zero query heads with zero kv heads is an empty request (empty result), not an error.
+        let divides = if kd.heads == 0 { dims.heads == 0 } else { dims.heads.is_multiple_of(kd.heads) };
+        if !divides {
             return Err(Error::invalid(
                 "k",
                 format!("a number of kv heads >= 1 that divides q's {} heads (grouped-query attention)", dims.heads),

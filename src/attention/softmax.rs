@@ -64,8 +64,16 @@ impl OnlineRow {
     }
 
     /// ln sum_j e^(s_j); -inf for an empty row.
+    #[cfg(test)]
     pub fn log_sum_exp(&self) -> f64 {
         if self.is_empty() { f64::NEG_INFINITY } else { self.max + self.sum.ln() }
+    }
+
+    /// The softmax probability of a key with this logit, e^((s - max) - ln sum): subtracting the
+    /// max first keeps it exact for huge logits, where max + ln(sum) would lose ln(sum) to
+    /// rounding. 0 for an empty row.
+    pub fn probability(&self, logit: f64) -> f64 {
+        if self.is_empty() { 0.0 } else { ((logit - self.max) - self.sum.ln()).exp() }
     }
 
     /// -sum_j p_j ln p_j of the row's softmax; 0 for an empty row (an all-zero pattern row).

@@ -695,7 +695,7 @@ SPECIALS = (np.nan, np.inf, -np.inf, 1e300, -1e300, 1e30, -1e30, 65504.0, 1e-310
 # Mostly kernel floats (any byte order), sometimes widened integers/bools, rarely refused types.
 FUZZ_DTYPES = ("f8",) * 4 + ("f4",) * 4 + ("f2", ">f4", ">f8", ">f2", "i4", "u1", "?") + ("i8", "c16", "c8", "O", "U3", "M8[s]")
 FLOAT_DTYPES = ("f8", "f4", "f2", ">f4")
-TOKEN_DTYPES = ("i8",) * 4 + ("i4", "u1", "i2", "u8", ">i8", "u4", "u2") + ("f8", "?", "O", "c8")
+TOKEN_DTYPES = ("i8",) * 8 + ("i4", "u1", "i2", "u8", ">i8", "u4", "u2") + ("f8", "?", "O", "c8")
 FUZZ_LAYOUTS = ("c",) * 4 + ("fortran", "reversed", "stepped", "transposed", "broadcast", "readonly", "unaligned")
 
 

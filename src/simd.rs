@@ -116,7 +116,8 @@ pub fn exp_f32<const FMA: bool>(x: f32) -> f32 {
 }
 
 
-/// Below this, e^d (< 3e-308) is returned as 0; above it 2^k stays a normal number.
+/// Below this [`exp_f64`] returns e^MIN_ARG (~3e-308), keeping 2^k a normal number;
+/// [`exp_f64_or_zero`] returns 0.
 const MIN_ARG: f64 = -708.0;
 /// 1.5 * 2^52: adding it rounds a float to an integer held in the low mantissa bits.
 const SHIFT: f64 = 6_755_399_441_055_744.0;
@@ -153,12 +154,13 @@ fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
     }
 }
 
-/// e^d for d <= 0 within ~4e-16 relative (0 below -708 and for -inf), branch-free so that loops over
-/// it vectorise; NaN stays NaN. Taylor polynomial of degree 12 after Cody-Waite reduction.
+/// e^d for d <= 0 within ~4e-16 relative (e^-708 below -708, -inf included), branch-free so
+/// that loops over it vectorise; NaN stays NaN. Taylor polynomial of degree 12 after Cody-Waite
+/// reduction.
 #[inline(always)]
-pub fn exp_f64<const FMA: bool>(x: f64) -> f64 {
+pub fn exp_f64<const FMA: bool>(d: f64) -> f64 {
     // `if` rather than f64::max, which would turn NaN into MIN_ARG and hide it.
-    let d = if x < MIN_ARG { MIN_ARG } else { x };
+    let d = if d < MIN_ARG { MIN_ARG } else { d };
     let t = madd::<FMA>(d, std::f64::consts::LOG2_E, SHIFT);
     let k = t - SHIFT;
     let r = madd::<FMA>(-k, LN2_HI, d);
@@ -170,8 +172,15 @@ pub fn exp_f64<const FMA: bool>(x: f64) -> f64 {
     // t's bits are SHIFT's plus k (same exponent), so 2^k is built with integer ops only.
     let k_int = t.to_bits().wrapping_sub(SHIFT.to_bits()) as i64;
     let two_k = f64::from_bits(((k_int + 1023) as u64) << 52);
-    // A select, not a branch: masked logits (-inf) must give exactly 0.
-    if x < MIN_ARG { 0.0 } else { p * two_k }
+    p * two_k
+}
+
+/// [`exp_f64`] that gives exactly 0 below -708, so masked logits (-inf) weigh nothing. A
+/// separate function: the select costs the log-sum-exp loops their vectorisation, and sums
+/// that always contain e^0 = 1 do not need it.
+#[inline(always)]
+pub fn exp_f64_or_zero<const FMA: bool>(x: f64) -> f64 {
+    if x < MIN_ARG { 0.0 } else { exp_f64::<FMA>(x) }
 }
 
 #[cfg(test)]
@@ -189,8 +198,10 @@ mod tests {
             d += 0.137;
         }
         assert_eq!(exp_f64::<false>(0.0), 1.0);
-        assert_eq!(exp_f64::<false>(-1e300), 0.0);
-        assert_eq!(exp_f64::<true>(f64::NEG_INFINITY), 0.0);
+        assert!(exp_f64::<false>(-1e300) < 1e-307);
+        assert_eq!(exp_f64_or_zero::<false>(-1e300), 0.0);
+        assert_eq!(exp_f64_or_zero::<true>(f64::NEG_INFINITY), 0.0);
+        assert!(exp_f64_or_zero::<true>(f64::NAN).is_nan());
         assert!(exp_f64::<false>(f64::NAN).is_nan());
     }
 }

@@ -9,7 +9,7 @@
 //! Each slice routine is compiled per CPU level and picked at run time (`crate::simd`).
 
 pub(crate) use crate::simd::has_fma;
-use crate::simd::{dispatched, exp_f32, exp_f64};
+use crate::simd::{dispatched, exp_f32, exp_f64_or_zero};
 
 /// Partial results per reduction. 16 f32 fill one AVX-512 register or two AVX2 registers.
 pub const LANES: usize = 16;
@@ -85,7 +85,7 @@ impl Lane for f64 {
     }
     #[inline(always)]
     fn exp_nonpositive<const FMA: bool>(self) -> f64 {
-        exp_f64::<FMA>(self)
+        exp_f64_or_zero::<FMA>(self)
     }
 }
 

@@ -73,13 +73,16 @@ def _attention_weights(W_Q: Any, W_K: Any, W_V: Any, W_O: Any) -> Tuple[np.ndarr
 
 
 def _unit_heads(W: np.ndarray) -> np.ndarray:
-    """W with each head's matrix scaled by a power of two to a largest |entry| in [0.5, 1).
+    """W with each head's matrix scaled by a power of two to a largest |entry| in [0.5, 1), when
+    some head's entries are large or small enough for Gram products to overflow or underflow.
 
     Composition scores do not change when any head's weights are scaled, and powers of two
-    scale exactly, so this only keeps the Gram products of very large (or tiny) weights from
-    overflowing (or underflowing). All-zero heads are left as they are.
+    scale exactly, so this changes no score; ordinary weights are returned as they are (no pass
+    over them but the max and min). All-zero heads are left alone.
     """
-    peak = np.abs(W).max(axis=(-2, -1), keepdims=True)
+    peak = np.maximum(W.max(axis=(-2, -1), keepdims=True), -W.min(axis=(-2, -1), keepdims=True))
+    if ((peak == 0) | ((peak > 1e-60) & (peak < 1e60))).all():
+        return W
     _, exponent = np.frexp(peak)
     return np.ldexp(W, np.where(peak > 0, -exponent, 0))
 

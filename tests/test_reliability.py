@@ -162,10 +162,10 @@ def _qk_rows() -> dict[str, Row]:
         "mask str": ((Q, K), {"attention_mask": np.full((B, N), "1")}, "attention_mask"),
         "mask complex": ((Q, K), {"attention_mask": MASK.astype(complex)}, "attention_mask"),
         "mask object": ((Q, K), {"attention_mask": MASK.astype(object)}, "attention_mask"),
-        # BUG: a 0-d mask reaches the Rust binding as a numpy bool scalar:
+        # Regression (fixed): a 0-d mask reaches the Rust binding as a numpy bool scalar:
         # TypeError "'bool' object is not an instance of 'ndarray'" (no argument named)
         "mask 0-d": ((Q, K), {"attention_mask": 1}, "attention_mask"),
-        # BUG: numpy's own ValueError ("setting an array element with a sequence...") leaks out
+        # Regression (fixed): numpy's own ValueError ("setting an array element with a sequence...") leaks out
         "mask ragged list": ((Q, K), {"attention_mask": [[1] * N, [1] * (N - 1)]}, "attention_mask"),
         "q complex": ((Q.astype(np.complex64), K), {}, "q"),
         "k complex": ((Q, K.astype(np.complex128)), {}, "k"),
@@ -244,10 +244,10 @@ BAD = {
     "positional_qk_scores: n_positions 1": row(inf.positional_qk_scores, W_POS, W_Q, W_K, n_positions=1, names="n_positions"),
     "positional_qk_scores: n_positions > n_ctx": row(inf.positional_qk_scores, W_POS, W_Q, W_K, n_positions=6, names="n_positions"),
     "positional_qk_scores: n_positions float": row(inf.positional_qk_scores, W_POS, W_Q, W_K, n_positions=2.0, names="n_positions"),
-    # BUG: W_pos of one position: "n_positions: expected an integer in 2..1, got None" (names an
+    # Regression (fixed): W_pos of one position: "n_positions: expected an integer in 2..1, got None" (names an
     # argument the caller did not pass, not W_pos)
     "positional_qk_scores: W_pos of one position": row(inf.positional_qk_scores, W_POS[:1], W_Q, W_K, names="W_pos"),
-    # BUG: scale is not checked at all: NaN/inf give all-NaN scores silently, "2" is accepted as
+    # Regression (fixed): scale is not checked at all: NaN/inf give all-NaN scores silently, "2" is accepted as
     # 2.0, "a" raises float()'s ValueError and 1j float()'s TypeError, neither naming scale
     "positional_qk_scores: scale NaN": row(inf.positional_qk_scores, W_POS, W_Q, W_K, scale=float("nan"), names="scale"),
     "positional_qk_scores: scale inf": row(inf.positional_qk_scores, W_POS, W_Q, W_K, scale=float("inf"), names="scale"),
@@ -262,7 +262,7 @@ BAD = {
     "composition_baseline: d_model 2.5": row(inf.composition_baseline, 2.5, 4, names="d_model"),
     "composition_baseline: d_model str": row(inf.composition_baseline, "8", 4, names="d_model"),
     "composition_baseline: d_head None": row(inf.composition_baseline, 8, None, names="d_head"),
-    # BUG: seed goes straight to np.random.default_rng: "SeedSequence expects int or sequence of
+    # Regression (fixed): seed goes straight to np.random.default_rng: "SeedSequence expects int or sequence of
     # ints for entropy not a" / "expected non-negative integer", seed never named
     "composition_baseline: seed str": row(inf.composition_baseline, 8, 4, n=2, seed="a", names="seed"),
     "composition_baseline: seed -1": row(inf.composition_baseline, 8, 4, n=2, seed=-1, names="seed"),
@@ -279,7 +279,7 @@ BAD = {
     "token_losses: tokens 1-d for batched logits": row(inf.token_losses, LOGITS, LOGIT_TOKENS[0], names="tokens"),
     "token_losses: tokens 3-d": row(inf.token_losses, LOGITS, LOGIT_TOKENS[None], names="tokens"),
     "token_losses: tokens 0-d": row(inf.token_losses, LOGITS, np.int64(1), names="tokens"),
-    # BUG: tokens=None reaches the binding: TypeError "'None' is not an instance of 'ndarray'"
+    # Regression (fixed): tokens=None reaches the binding: TypeError "'None' is not an instance of 'ndarray'"
     "token_losses: tokens None": row(inf.token_losses, LOGITS, None, names="tokens"),
     "token_losses: logits 1-d": row(inf.token_losses, LOGITS[0, 0], LOGIT_TOKENS[0], names="logits"),
     "token_losses: logits 4-d": row(inf.token_losses, LOGITS[None], LOGIT_TOKENS[None], names="logits"),
@@ -310,7 +310,7 @@ BAD = {
     "repeated_tokens: batch 0": row(inf.repeated_tokens, 0, 3, 10, names="batch"),
     "repeated_tokens: batch 1.5": row(inf.repeated_tokens, 1.5, 3, 10, names="batch"),
     "repeated_tokens: batch str": row(inf.repeated_tokens, "2", 3, 10, names="batch"),
-    # BUG: these fall through to int()/numpy with messages that do not name the argument
+    # Regression (fixed): these fall through to int()/numpy with messages that do not name the argument
     # ("int() argument must be ... not 'NoneType'", "an integer is required", "cannot convert
     # float NaN to integer"), and vocab_size=inf raises OverflowError, which is not a ValueError
     "repeated_tokens: batch None": row(inf.repeated_tokens, None, 3, 10, names="batch"),
@@ -319,7 +319,7 @@ BAD = {
     "repeated_tokens: vocab inf": row(inf.repeated_tokens, 2, 3, float("inf"), names="vocab_size"),
     "repeated_tokens: seed str": row(inf.repeated_tokens, 2, 3, 10, seed="a", names="seed"),
     "repeated_tokens: bos str": row(inf.repeated_tokens, 2, 3, 10, bos="a", names="bos"),
-    # BUG: bos=1.5 is accepted: the BOS column becomes 1 while the blocks may contain 1 too
+    # Regression (fixed): bos=1.5 is accepted: the BOS column becomes 1 while the blocks may contain 1 too
     "repeated_tokens: bos 1.5": row(inf.repeated_tokens, 2, 3, 10, bos=1.5, names="bos"),
     # --- scan
     "scan: int source": row(inf.scan, 42, TOKENS, names="source"),
@@ -349,7 +349,7 @@ BAD = {
     "scan: q/k d_head mismatch": row(inf.scan, (np.zeros((B, 3, N, H, D)), np.zeros((B, 3, N, H, 4))), TOKENS, names="k"),
     "scan: q/k lists of different lengths": row(inf.scan, ([Q] * 3, [K] * 2), TOKENS, names="source"),
     "scan: qk_options with a bad scale": row(inf.scan, (Q[:, None], K[:, None]), TOKENS, qk_options={"scale": "x"}, names="scale"),
-    # BUG: qk_options=3 raises TypeError "'int' object is not iterable" (qk_options not named)
+    # Regression (fixed): qk_options=3 raises TypeError "'int' object is not iterable" (qk_options not named)
     "scan: qk_options not a mapping": row(inf.scan, (Q[:, None], K[:, None]), TOKENS, qk_options=3, names="qk_options"),
     # --- set_num_threads
     "set_num_threads(0)": row(inf.set_num_threads, 0, names="re:\\bn\\b"),
@@ -399,7 +399,7 @@ EMPTY = {
     "attention_patterns, batch 0 with a mask": (lambda: inf.attention_patterns(Q[:0], K[:0], attention_mask=MASK[:0]), (0, H, N, N)),
     "attention_patterns, n 0": (lambda: inf.attention_patterns(Q[:, :0], K[:, :0]), (B, H, 0, 0)),
     "attention_patterns, 0 query heads": (lambda: inf.attention_patterns(Q[:, :, :0], K), (B, 0, N, N)),
-    # BUG: 0 heads and 0 kv heads (q[:, :, :0], k[:, :, :0]) raise "k: expected a number of kv
+    # Regression (fixed): 0 heads and 0 kv heads (q[:, :, :0], k[:, :, :0]) raise "k: expected a number of kv
     # heads >= 1 that divides q's 0 heads", although 0 query heads with 2 kv heads work
     "attention_patterns, 0 heads and 0 kv heads": (lambda: inf.attention_patterns(Q[:, :, :0], K[:, :, :0]), (B, 0, N, N)),
     "scores_from_qk, batch 0": (lambda: inf.scores_from_qk(Q[:0], K[:0], TOKENS[:0]), (0, H)),
@@ -1013,8 +1013,8 @@ def test_fuzz_kernels_return_documented_shapes_or_raise_value_or_type_error(case
 
 
 # =================================================================================================
-# Bugs found while writing this file, beyond the table rows marked BUG (each test fails until the
-# library is fixed; see the report of the reliability issue)
+# Regression tests for bugs found while writing this file, beyond the table rows marked
+# "Regression" (each failed before its fix)
 # =================================================================================================
 
 

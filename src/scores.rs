@@ -580,24 +580,11 @@ fn detection_rows<T: Real>(
     Ok((matched_total, row_total))
 }
 
-/// Sum (or sum of absolute values) of A[i, cols] in f64, eight independent lanes for contiguous
-/// rows so the loop vectorises; the lane order is fixed, so the result is too.
+/// Sum (or sum of absolute values) of A[i, cols] in f64 (see [`Real::sum_widened`]).
 fn range_sum<T: Real>(a: &Matrix<'_, T>, i: usize, cols: Range<usize>, abs: bool) -> f64 {
-    let f = |v: T| if abs { v.to_f64().abs() } else { v.to_f64() };
     match a.row_slice(i) {
-        Some(row) => {
-            let s = &row[cols];
-            let mut lanes = [0.0f64; 8];
-            let chunks = s.chunks_exact(8);
-            let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
-            for c in chunks {
-                for (l, &v) in lanes.iter_mut().zip(c) {
-                    *l += f(v);
-                }
-            }
-            lanes.iter().sum::<f64>() + tail
-        }
-        None => cols.map(|j| f(a.get(i, j))).sum(),
+        Some(row) => T::sum_widened(&row[cols], abs),
+        None => cols.map(|j| a.get(i, j).to_f64()).map(|v| if abs { v.abs() } else { v }).sum(),
     }
 }
 

@@ -11,12 +11,41 @@ use crate::error::{shape_str, Error, Result};
 /// Element types the kernels read. Everything is widened to f64 before it is summed.
 pub trait Real: Copy + Send + Sync + 'static {
     fn to_f64(self) -> f64;
+
+    /// sum (or sum of |v|) of a slice in f64, in [`SUM_LANES`] independent lanes combined in a
+    /// fixed order (so the loop vectorises and the result never depends on the CPU).
+    #[inline]
+    fn sum_widened(s: &[Self], abs: bool) -> f64 {
+        lane_sum(s, abs)
+    }
+}
+
+/// Lanes of [`Real::sum_widened`].
+pub const SUM_LANES: usize = 8;
+
+#[inline(always)]
+fn lane_sum<T: Real>(s: &[T], abs: bool) -> f64 {
+    let f = |v: T| if abs { v.to_f64().abs() } else { v.to_f64() };
+    let mut lanes = [0.0f64; SUM_LANES];
+    let chunks = s.chunks_exact(SUM_LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 impl Real for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+
+    #[inline]
+    fn sum_widened(s: &[f64], abs: bool) -> f64 {
+        sum_widened_f64(s, abs)
     }
 }
 
@@ -25,7 +54,23 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+
+    /// A full pass is bound by this loop: run it with the widest vectors the CPU has (the lane
+    /// order, and so the result, is the same on every CPU).
+    #[inline]
+    fn sum_widened(s: &[f32], abs: bool) -> f64 {
+        sum_widened_f32(s, abs)
+    }
 }
+
+crate::simd::dispatched!(
+    /// [`Real::sum_widened`] for f32, compiled per CPU level.
+    sum_widened_f32(s: &[f32], abs: bool) -> f64 = lane_sum::<f32>, lane_sum::<f32>
+);
+crate::simd::dispatched!(
+    /// [`Real::sum_widened`] for f64, compiled per CPU level.
+    sum_widened_f64(s: &[f64], abs: bool) -> f64 = lane_sum::<f64>, lane_sum::<f64>
+);
 
 impl Real for half::f16 {
     #[inline(always)]

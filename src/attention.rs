@@ -87,7 +87,11 @@ pub fn attention_patterns<'a, T: QkElement>(
     shape.extend([n, n]);
     let len = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let mut out = len.and_then(zeroed::<T::Compute>).ok_or_else(|| {
-        Error::invalid("q", "an output [*lead, n_heads, n, n] that fits in memory", format!("shape {}", crate::error::shape_str(&shape)))
+        Error::invalid(
+            "q",
+            "an output [*lead, n_heads, n, n] that fits in memory",
+            format!("shape {}", crate::error::shape_str(&shape)),
+        )
     })?;
     if n > 0 {
         threads::install(|| {
@@ -182,7 +186,14 @@ fn mask_keys<C: Compute>(s: &mut [C], mask: &ArrayView1<'_, bool>, first: usize)
 }
 
 /// Rows `rows` of head h's pattern, written into `out` (rows.len() × n, zero-filled).
-fn pattern_block<C: Compute>(heads: &QkHeads<'_, C>, h: usize, rows: Range<usize>, out: &mut [C], scale: C, causal: bool) -> Result<()> {
+fn pattern_block<C: Compute>(
+    heads: &QkHeads<'_, C>,
+    h: usize,
+    rows: Range<usize>,
+    out: &mut [C],
+    scale: C,
+    causal: bool,
+) -> Result<()> {
     let n = heads.n();
     let (q, k, mask) = (heads.query(h), heads.key(h), heads.key_mask(h));
     let key_end = if causal { rows.end } else { n };
@@ -229,7 +240,15 @@ fn score_tile<C: Compute>(
     if let Some(r) = online.iter().position(|row| !row.is_valid()) {
         return Err(overflow(heads, h, rows.start + r));
     }
-    let block = FusedRows { query: &q, keys: &k, mask: mask.as_ref(), scale: plan.scale, causal: plan.causal, start: rows.start, online };
+    let block = FusedRows {
+        query: &q,
+        keys: &k,
+        mask: mask.as_ref(),
+        scale: plan.scale,
+        causal: plan.causal,
+        start: rows.start,
+        online,
+    };
     score_block(&block, rows, targets, plan.first_key, out)
 }
 
@@ -321,12 +340,20 @@ mod tests {
     }
 
     /// The obvious O(n²) softmax in f64, one head at a time.
-    fn reference(q: &ArrayView2<f32>, k: &ArrayView2<f32>, scale: f64, causal: bool, mask: Option<&[bool]>) -> Vec<Vec<f64>> {
+    fn reference(
+        q: &ArrayView2<f32>,
+        k: &ArrayView2<f32>,
+        scale: f64,
+        causal: bool,
+        mask: Option<&[bool]>,
+    ) -> Vec<Vec<f64>> {
         let n = q.nrows();
         (0..n)
             .map(|i| {
                 let allowed = |j: usize| (!causal || j <= i) && mask.is_none_or(|m| m[j]);
-                let s: Vec<f64> = (0..n).map(|j| q.row(i).iter().zip(k.row(j)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale).collect();
+                let s: Vec<f64> = (0..n)
+                    .map(|j| q.row(i).iter().zip(k.row(j)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale)
+                    .collect();
                 let m = (0..n).filter(|&j| allowed(j)).map(|j| s[j]).fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = (0..n).filter(|&j| allowed(j)).map(|j| (s[j] - m).exp()).sum();
                 (0..n).map(|j| if allowed(j) { (s[j] - m).exp() / z } else { 0.0 }).collect()
@@ -367,11 +394,21 @@ mod tests {
         let q = noise(&[2, n, 2, d], 3) * 4.0;
         let k = noise(&[2, n, 1, d], 4) * 4.0;
         let tokens = Array::from_shape_fn(IxDyn(&[2, n]), |ix| ((ix[1] * 7 + ix[0]) % 23) as i64);
-        let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction, Kind::Bos, Kind::SelfToken, Kind::Offset(5), Kind::Entropy];
+        let kinds = [
+            Kind::PreviousToken,
+            Kind::DuplicateToken,
+            Kind::Induction,
+            Kind::Bos,
+            Kind::SelfToken,
+            Kind::Offset(5),
+            Kind::Entropy,
+        ];
         for (causal, exclude_bos) in [(true, false), (true, true), (false, false)] {
             let opts = AttentionOptions { causal, ..Default::default() };
             let score = ScoreOptions { exclude_bos };
-            let got = scores_from_qk(q.view(), k.view(), Some(tokens.view()), None, &kinds, opts, score, Reduce::PerQuery).unwrap();
+            let got =
+                scores_from_qk(q.view(), k.view(), Some(tokens.view()), None, &kinds, opts, score, Reduce::PerQuery)
+                    .unwrap();
             // Against f64 patterns (the truth) and f32 ones (what a user would compare with),
             // except under exclude_bos: 1 - A[i, 0] in f32 loses all digits when A[i, 0] ~ 1,
             // while the fused kernel renormalises exactly by leaving key 0 out of the softmax.
@@ -384,13 +421,22 @@ mod tests {
             for want in wants {
                 assert_eq!(got.shape(), want.shape());
                 for ((ix, g), w) in got.indexed_iter().zip(want.iter()) {
-                    assert!(g.is_nan() == w.is_nan() && (g.is_nan() || (g - w).abs() < 1e-5), "causal {causal} exclude_bos {exclude_bos}: {g} vs {w} at {:?}", ix);
+                    assert!(
+                        g.is_nan() == w.is_nan() && (g.is_nan() || (g - w).abs() < 1e-5),
+                        "causal {causal} exclude_bos {exclude_bos}: {g} vs {w} at {:?}",
+                        ix
+                    );
                 }
             }
-            let means = scores_from_qk(q.view(), k.view(), Some(tokens.view()), None, &kinds, opts, score, Reduce::Mean).unwrap();
+            let means =
+                scores_from_qk(q.view(), k.view(), Some(tokens.view()), None, &kinds, opts, score, Reduce::Mean)
+                    .unwrap();
             let want = head_scores(p64.view(), Some(tokens.view()), &kinds, score).unwrap();
             assert_eq!(means.shape(), &[kinds.len(), 2, 2]);
-            assert!(means.iter().zip(want.iter()).all(|(g, w)| (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-5), "{means} vs {want}");
+            assert!(
+                means.iter().zip(want.iter()).all(|(g, w)| (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-5),
+                "{means} vs {want}"
+            );
         }
     }
 
@@ -403,7 +449,9 @@ mod tests {
         let k = noise(&[1, n, 2, d], 6);
         let kinds = [Kind::PreviousToken, Kind::Entropy];
         let opts = AttentionOptions::default();
-        let run = |reduce| scores_from_qk(q.view(), k.view(), None, None, &kinds, opts, ScoreOptions::default(), reduce).unwrap();
+        let run = |reduce| {
+            scores_from_qk(q.view(), k.view(), None, None, &kinds, opts, ScoreOptions::default(), reduce).unwrap()
+        };
         let bits = |a: ArrayD<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let _guard = threads::RESIZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         threads::set_num_threads(1).unwrap();
@@ -441,7 +489,17 @@ mod tests {
         let mask = Array::from_elem(IxDyn(&[40]), false);
         let a = attention_patterns(q.view(), k.view(), Some(mask.view()), opts).unwrap();
         assert!(a.iter().all(|&v| v == 0.0));
-        let s = scores_from_qk(q.view(), k.view(), None, Some(mask.view()), &[Kind::PreviousToken, Kind::Entropy], opts, ScoreOptions::default(), Reduce::PerQuery).unwrap();
+        let s = scores_from_qk(
+            q.view(),
+            k.view(),
+            None,
+            Some(mask.view()),
+            &[Kind::PreviousToken, Kind::Entropy],
+            opts,
+            ScoreOptions::default(),
+            Reduce::PerQuery,
+        )
+        .unwrap();
         assert!(s.slice(ndarray::s![.., 0, 1..]).iter().all(|&v| v == 0.0) && s[[0, 0, 0]].is_nan());
     }
 
@@ -454,17 +512,49 @@ mod tests {
         let huge = AttentionOptions { scale: Some(1e300), ..Default::default() };
         assert!(attention_patterns(q.view(), q.view(), None, huge).unwrap_err().to_string().starts_with("scale:"));
         let big = &q * 1e20;
-        let e = scores_from_qk(big.view(), big.view(), None, None, &[Kind::PreviousToken], AttentionOptions::default(), ScoreOptions::default(), Reduce::PerQuery)
-            .unwrap_err()
-            .to_string();
+        let e = scores_from_qk(
+            big.view(),
+            big.view(),
+            None,
+            None,
+            &[Kind::PreviousToken],
+            AttentionOptions::default(),
+            ScoreOptions::default(),
+            Reduce::PerQuery,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("q:") && e.contains("overflow"), "{e}");
-        assert!(attention_patterns(big.view(), big.view(), None, AttentionOptions::default()).unwrap_err().to_string().contains("overflow"));
-        let tokens = Array::from_elem(IxDyn(&[4]), 1i64);
-        let e = scores_from_qk(q.view(), q.view(), Some(tokens.view()), None, &[Kind::Induction], AttentionOptions::default(), ScoreOptions::default(), Reduce::PerQuery)
+        assert!(attention_patterns(big.view(), big.view(), None, AttentionOptions::default())
             .unwrap_err()
-            .to_string();
+            .to_string()
+            .contains("overflow"));
+        let tokens = Array::from_elem(IxDyn(&[4]), 1i64);
+        let e = scores_from_qk(
+            q.view(),
+            q.view(),
+            Some(tokens.view()),
+            None,
+            &[Kind::Induction],
+            AttentionOptions::default(),
+            ScoreOptions::default(),
+            Reduce::PerQuery,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("tokens:") && e.contains("(5,)"), "{e}");
-        let e = scores_from_qk(q.view(), q.view(), None, None, &[Kind::Offset(5)], AttentionOptions::default(), ScoreOptions::default(), Reduce::PerQuery).unwrap_err().to_string();
+        let e = scores_from_qk(
+            q.view(),
+            q.view(),
+            None,
+            None,
+            &[Kind::Offset(5)],
+            AttentionOptions::default(),
+            ScoreOptions::default(),
+            Reduce::PerQuery,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("offset:"), "{e}");
     }
 }

@@ -23,9 +23,18 @@ enum FloatArray<'py> {
 macro_rules! with_view {
     ($array:expr, |$view:ident| $body:expr) => {
         match $array {
-            FloatArray::F64(a) => { let $view = a.as_array(); $body }
-            FloatArray::F32(a) => { let $view = a.as_array(); $body }
-            FloatArray::F16(a) => { let $view = a.as_array(); $body }
+            FloatArray::F64(a) => {
+                let $view = a.as_array();
+                $body
+            }
+            FloatArray::F32(a) => {
+                let $view = a.as_array();
+                $body
+            }
+            FloatArray::F16(a) => {
+                let $view = a.as_array();
+                $body
+            }
         }
     };
 }
@@ -34,9 +43,18 @@ macro_rules! with_view {
 macro_rules! with_qk_views {
     ($q:expr, $k:expr, |$qv:ident, $kv:ident| $body:expr) => {
         match ($q, $k) {
-            (FloatArray::F64(a), FloatArray::F64(b)) => { let ($qv, $kv) = (a.as_array(), b.as_array()); $body }
-            (FloatArray::F32(a), FloatArray::F32(b)) => { let ($qv, $kv) = (a.as_array(), b.as_array()); $body }
-            (FloatArray::F16(a), FloatArray::F16(b)) => { let ($qv, $kv) = (a.as_array(), b.as_array()); $body }
+            (FloatArray::F64(a), FloatArray::F64(b)) => {
+                let ($qv, $kv) = (a.as_array(), b.as_array());
+                $body
+            }
+            (FloatArray::F32(a), FloatArray::F32(b)) => {
+                let ($qv, $kv) = (a.as_array(), b.as_array());
+                $body
+            }
+            (FloatArray::F16(a), FloatArray::F16(b)) => {
+                let ($qv, $kv) = (a.as_array(), b.as_array());
+                $body
+            }
             (q, k) => Err(PyTypeError::new_err(format!(
                 "k: expected the dtype of q ({}), got {}",
                 dtype_name(q),
@@ -59,7 +77,11 @@ fn value_error(e: Error) -> PyErr {
 }
 
 fn reduce(per_query: bool) -> Reduce {
-    if per_query { Reduce::PerQuery } else { Reduce::Mean }
+    if per_query {
+        Reduce::PerQuery
+    } else {
+        Reduce::Mean
+    }
 }
 
 fn parse_kinds(kinds: &[String]) -> PyResult<Vec<Kind>> {
@@ -105,7 +127,11 @@ fn detection_scores<'py>(
     let measure: Measure = measure.parse().map_err(value_error)?;
     let detection = match (kind, &matrices) {
         (Some(k), None) => Detection::Kind(k.parse().map_err(|_| {
-            value_error(Error::invalid("detection", format!("a kind ({}) or a 0/1 array", Kind::NAMES), format!("{k:?}")))
+            value_error(Error::invalid(
+                "detection",
+                format!("a kind ({}) or a 0/1 array", Kind::NAMES),
+                format!("{k:?}"),
+            ))
         })?),
         (None, Some(m)) => Detection::Matrices(m.as_array()),
         _ => return Err(PyValueError::new_err("detection: expected exactly one of a kind name or an array")),
@@ -166,7 +192,8 @@ fn scores_from_qk<'py>(
     let mask = attention_mask.as_ref().map(|m| m.as_array());
     let score = ScoreOptions { exclude_bos };
     with_qk_views!(&q, &k, |qv, kv| {
-        let result = py.detach(|| attention::scores_from_qk(qv, kv, tokens, mask, &kinds, options, score, reduce(per_query)));
+        let result =
+            py.detach(|| attention::scores_from_qk(qv, kv, tokens, mask, &kinds, options, score, reduce(per_query)));
         Ok(result.map_err(value_error)?.into_pyarray(py))
     })
 }

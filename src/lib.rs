@@ -19,5 +19,7 @@ mod bindings;
 pub use attention::{attention_patterns, scores_from_qk, AttentionOptions, Layout};
 pub use error::{Error, Result};
 pub use losses::token_losses;
-pub use scores::{detection_scores, head_scores, per_query_scores, Detection, Reduce, DetectionOptions, Measure, ScoreOptions};
+pub use scores::{
+    detection_scores, head_scores, per_query_scores, Detection, DetectionOptions, Measure, Reduce, ScoreOptions,
+};
 pub use targets::Kind;

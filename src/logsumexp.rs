@@ -110,7 +110,9 @@ mod tests {
     fn chunked_online_lse_matches_two_passes() {
         for len in [1, 7, 8, 9, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5] {
             // Values whose max sits in different chunks, with a wide dynamic range.
-            let x: Vec<f64> = (0..len).map(|i| ((i * 7919 % 1009) as f64 - 500.0) * 0.1 + if i == len / 2 { 30.0 } else { 0.0 }).collect();
+            let x: Vec<f64> = (0..len)
+                .map(|i| ((i * 7919 % 1009) as f64 - 500.0) * 0.1 + if i == len / 2 { 30.0 } else { 0.0 })
+                .collect();
             let mut lse = OnlineLse::default();
             for chunk in x.chunks(CHUNK) {
                 lse.push::<false>(chunk);

@@ -51,10 +51,18 @@ fn as_batched<'a, 'b, T>(
 ) -> Result<(ArrayView3<'a, T>, ArrayView2<'b, i64>, bool)> {
     let shape = logits.shape().to_vec();
     if !(2..=3).contains(&shape.len()) {
-        return Err(Error::invalid("logits", "shape (n, vocab) or (batch, n, vocab)", format!("shape {}", shape_str(&shape))));
+        return Err(Error::invalid(
+            "logits",
+            "shape (n, vocab) or (batch, n, vocab)",
+            format!("shape {}", shape_str(&shape)),
+        ));
     }
     if shape[shape.len() - 1] == 0 {
-        return Err(Error::invalid("logits", "a vocabulary axis of length >= 1", format!("shape {}", shape_str(&shape))));
+        return Err(Error::invalid(
+            "logits",
+            "a vocabulary axis of length >= 1",
+            format!("shape {}", shape_str(&shape)),
+        ));
     }
     let want = &shape[..shape.len() - 1];
     if tokens.shape() != want {

@@ -75,10 +75,15 @@ fn stored_scores<T: Real>(
     let stack = MatrixStack::new("patterns", patterns)?;
     let plan = QueryPlan::new(kinds, tokens.as_ref(), stack.lead(), stack.n(), "the patterns")?;
     let first_key = usize::from(options.exclude_bos);
-    plan.run(BLOCK_ROWS, reduce, || (), |_, h, rows, targets, out| {
-        let block = StoredRows::new(&stack, h, rows.clone(), options)?;
-        score_block(&block, rows, targets, first_key, out)
-    })
+    plan.run(
+        BLOCK_ROWS,
+        reduce,
+        || (),
+        |_, h, rows, targets, out| {
+            let block = StoredRows::new(&stack, h, rows.clone(), options)?;
+            score_block(&block, rows, targets, first_key, out)
+        },
+    )
 }
 
 /// (sum, count) of the eligible per-query values of each kind over one block of rows.
@@ -114,7 +119,11 @@ impl<'k> QueryPlan<'k> {
         let chains = match (tokens, kinds.iter().find(|k| k.needs_tokens())) {
             (Some(t), Some(_)) => token_rows(t).map(|row| TokenChain::new(&row.to_vec())).collect(),
             (None, Some(kind)) => {
-                return Err(Error::invalid("tokens", format!("a token array, which kind {:?} needs", kind.name()), "None"))
+                return Err(Error::invalid(
+                    "tokens",
+                    format!("a token array, which kind {:?} needs", kind.name()),
+                    "None",
+                ))
             }
             (_, None) => Vec::new(),
         };
@@ -142,7 +151,8 @@ impl<'k> QueryPlan<'k> {
                 .zip(outs)
                 .map_init(init, |scratch, ((h, rows), mut out)| {
                     let chain = self.chains.get(self.group_of[*h]);
-                    let targets: Vec<Option<Targets>> = self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
+                    let targets: Vec<Option<Targets>> =
+                        self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
                     score(scratch, *h, rows.clone(), &targets, &mut out)
                 })
                 .collect::<Result<_>>()
@@ -187,7 +197,9 @@ fn split_outputs(out: Option<&mut [f64]>, n_heads: usize, n: usize, block_rows: 
         .chunks_mut(n_heads * n)
         .map(|slab| slab.chunks_mut(n).flat_map(|head| head.chunks_mut(block_rows)).collect::<Vec<_>>().into_iter())
         .collect();
-    (0..n_blocks).map(|_| per_kind.iter_mut().map(|blocks| blocks.next().expect("one slice per block")).collect()).collect()
+    (0..n_blocks)
+        .map(|_| per_kind.iter_mut().map(|blocks| blocks.next().expect("one slice per block")).collect())
+        .collect()
 }
 
 /// The token row of every head, after checking tokens are `[n]` or `[g, n]` with g broadcasting
@@ -216,9 +228,7 @@ fn token_rows<'a>(tokens: &'a ArrayViewD<'_, i64>) -> Box<dyn Iterator<Item = Ar
 /// Every (head, row range) block, in output order. Fixed-size blocks (never derived from the
 /// thread count) keep partial sums, and so results, reproducible.
 fn row_blocks(n_heads: usize, n: usize, block_rows: usize) -> Vec<(usize, Range<usize>)> {
-    (0..n_heads)
-        .flat_map(|h| (0..n).step_by(block_rows).map(move |s| (h, s..(s + block_rows).min(n))))
-        .collect()
+    (0..n_heads).flat_map(|h| (0..n).step_by(block_rows).map(move |s| (h, s..(s + block_rows).min(n)))).collect()
 }
 
 fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize, v: f64) -> Error {
@@ -243,7 +253,11 @@ fn first_non_finite<T: Real>(
 
 /// Finite values whose sum (or product) overflowed to infinity.
 fn overflow(arg: &'static str, place: String) -> Error {
-    Error::invalid(arg, "values small enough that their sums and products stay finite", format!("an overflow in {place}"))
+    Error::invalid(
+        arg,
+        "values small enough that their sums and products stay finite",
+        format!("an overflow in {place}"),
+    )
 }
 
 /// The rows of one block of one head's pattern, as the per-query kernel reads them. Stored
@@ -394,7 +408,11 @@ impl<T: Real> QueryRows for StoredRows<'_, '_, T> {
 
     #[inline(always)]
     fn scale(&self, i: usize) -> f64 {
-        if self.scales.is_empty() { 1.0 } else { self.scales[i - self.start] }
+        if self.scales.is_empty() {
+            1.0
+        } else {
+            self.scales[i - self.start]
+        }
     }
 
     fn entropy(&self, i: usize, first_key: usize) -> Result<f64> {
@@ -411,7 +429,10 @@ impl<T: Real> QueryRows for StoredRows<'_, '_, T> {
             }
         }
         if !entropy.is_finite() {
-            return Err(overflow("patterns", format!("the entropy of row {i} of head {}", self.stack.lead_str(self.h))));
+            return Err(overflow(
+                "patterns",
+                format!("the entropy of row {i} of head {}", self.stack.lead_str(self.h)),
+            ));
         }
         Ok(entropy)
     }
@@ -567,7 +588,10 @@ fn detection_rows<T: Real>(
             }
         });
         if !matched.is_finite() {
-            return Err(overflow(weights_arg, format!("comparing row {i} of head {} with the detection pattern", stack.lead_str(h))));
+            return Err(overflow(
+                weights_arg,
+                format!("comparing row {i} of head {} with the detection pattern", stack.lead_str(h)),
+            ));
         }
         match measure {
             Measure::Mul => {
@@ -646,26 +670,54 @@ mod tests {
     #[test]
     fn detection_matches_the_transformer_lens_formulas() {
         let a = uniform(3);
-        let mul = detection_scores(a.view(), Detection::Kind(Kind::PreviousToken), None, Measure::Mul, DetectionOptions::default()).unwrap();
+        let mul = detection_scores(
+            a.view(),
+            Detection::Kind(Kind::PreviousToken),
+            None,
+            Measure::Mul,
+            DetectionOptions::default(),
+        )
+        .unwrap();
         // sum(A * D) / sum(A) = (1/2 + 1/3) / 3.
         assert!((mul[[]] - (0.5 + 1.0 / 3.0) / 3.0).abs() < 1e-15);
-        let abs = detection_scores(a.view(), Detection::Kind(Kind::PreviousToken), None, Measure::Abs, DetectionOptions::default()).unwrap();
+        let abs = detection_scores(
+            a.view(),
+            Detection::Kind(Kind::PreviousToken),
+            None,
+            Measure::Abs,
+            DetectionOptions::default(),
+        )
+        .unwrap();
         // |A - D| row sums: 1, 1, 4/3 -> 1 - (10/3) / 3.
         assert!((abs[[]] - (1.0 - (10.0 / 3.0) / 3.0)).abs() < 1e-15);
         let d = arr2(&[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).into_dyn();
-        let explicit = detection_scores(a.view(), Detection::Matrices(d.view()), None, Measure::Mul, DetectionOptions::default()).unwrap();
+        let explicit =
+            detection_scores(a.view(), Detection::Matrices(d.view()), None, Measure::Mul, DetectionOptions::default())
+                .unwrap();
         assert_eq!(explicit, mul);
     }
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let n = 600; // several row blocks per head
-        let a = Array::from_shape_fn((3, n, n), |(h, i, j)| if j <= i { ((h * 31 + i * 7 + j * 13) % 17) as f32 + 0.5 } else { 0.0 }).into_dyn();
+        let a =
+            Array::from_shape_fn(
+                (3, n, n),
+                |(h, i, j)| if j <= i { ((h * 31 + i * 7 + j * 13) % 17) as f32 + 0.5 } else { 0.0 },
+            )
+            .into_dyn();
         let tokens = Array::from_shape_fn(n, |i| (i % 37) as i64).into_dyn();
         let kinds = [Kind::PreviousToken, Kind::Induction, Kind::Entropy];
         let run = || {
             let s = head_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions { exclude_bos: true }).unwrap();
-            let d = detection_scores(a.view(), Detection::Kind(Kind::Induction), Some(tokens.view()), Measure::Abs, DetectionOptions::default()).unwrap();
+            let d = detection_scores(
+                a.view(),
+                Detection::Kind(Kind::Induction),
+                Some(tokens.view()),
+                Measure::Abs,
+                DetectionOptions::default(),
+            )
+            .unwrap();
             (s, d)
         };
         let _guard = threads::RESIZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -673,7 +725,10 @@ mod tests {
         let one = run();
         threads::set_num_threads(2).unwrap();
         let two = run();
-        assert_eq!(one.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), two.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            one.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            two.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         assert_eq!(one.1, two.1);
     }
 }

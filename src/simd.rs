@@ -112,9 +112,12 @@ pub fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     let two_n = f32::from_bits(((n_bits + 127) << 23) as u32);
     let value = p * two_n;
     // Comparisons with NaN are false, so NaN input reaches `value` (NaN) and is kept.
-    if x < EXP_F32_MIN_ARG { 0.0 } else { value }
+    if x < EXP_F32_MIN_ARG {
+        0.0
+    } else {
+        value
+    }
 }
-
 
 /// Below this [`exp_f64`] returns e^MIN_ARG (~3e-308), keeping 2^k a normal number;
 /// [`exp_f64_or_zero`] returns 0.
@@ -180,7 +183,11 @@ pub fn exp_f64<const FMA: bool>(d: f64) -> f64 {
 /// that always contain e^0 = 1 do not need it.
 #[inline(always)]
 pub fn exp_f64_or_zero<const FMA: bool>(x: f64) -> f64 {
-    if x < MIN_ARG { 0.0 } else { exp_f64::<FMA>(x) }
+    if x < MIN_ARG {
+        0.0
+    } else {
+        exp_f64::<FMA>(x)
+    }
 }
 
 #[cfg(test)]

@@ -91,11 +91,19 @@ impl<'a, T: Real> MatrixStack<'a, T> {
     pub fn new(arg: &'static str, view: ArrayViewD<'a, T>) -> Result<Self> {
         let shape = view.shape();
         if shape.len() < 2 {
-            return Err(Error::invalid(arg, "an array of shape (..., n, n) with at least 2 dimensions", format!("shape {}", shape_str(shape))));
+            return Err(Error::invalid(
+                arg,
+                "an array of shape (..., n, n) with at least 2 dimensions",
+                format!("shape {}", shape_str(shape)),
+            ));
         }
         let (q, k) = (shape[shape.len() - 2], shape[shape.len() - 1]);
         if q != k {
-            return Err(Error::invalid(arg, "square matrices in the last two axes (queries == keys)", format!("shape {}", shape_str(shape))));
+            return Err(Error::invalid(
+                arg,
+                "square matrices in the last two axes (queries == keys)",
+                format!("shape {}", shape_str(shape)),
+            ));
         }
         let lead = shape[..shape.len() - 2].to_vec();
         Ok(MatrixStack { view, lead, n: q })
@@ -226,12 +234,14 @@ pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
 /// leading axis, missing trailing axes count as 1), each of size 1 or equal to the lead axis.
 /// Left alignment is what lets tokens `[batch, n]` serve patterns `[batch, layer, head, n, n]`.
 pub fn group_of_heads(arg: &'static str, lead: &[usize], group_shape: &[usize]) -> Result<Vec<usize>> {
-    let fits = group_shape.len() <= lead.len()
-        && group_shape.iter().zip(lead).all(|(&g, &l)| g == 1 || g == l);
+    let fits = group_shape.len() <= lead.len() && group_shape.iter().zip(lead).all(|(&g, &l)| g == 1 || g == l);
     if !fits {
         return Err(Error::invalid(
             arg,
-            format!("leading axes that match the patterns' leading axes {} from the left (each 1 or equal)", shape_str(lead)),
+            format!(
+                "leading axes that match the patterns' leading axes {} from the left (each 1 or equal)",
+                shape_str(lead)
+            ),
             format!("leading axes {}", shape_str(group_shape)),
         ));
     }
@@ -269,7 +279,10 @@ mod tests {
                 assert_eq!(stack.head(h).get(i, j), flipped[[ix[0], ix[1], i, j]]);
             }
             assert!(stack.head(h).row_slice(0).is_none());
-            assert_eq!(stack.head(h).row(1).collect::<Vec<_>>(), flipped.slice(ndarray::s![ix[0], ix[1], 1, ..]).to_vec());
+            assert_eq!(
+                stack.head(h).row(1).collect::<Vec<_>>(),
+                flipped.slice(ndarray::s![ix[0], ix[1], 1, ..]).to_vec()
+            );
         }
     }
 

@@ -99,11 +99,7 @@ pub struct TokenChain {
 impl TokenChain {
     pub fn new(tokens: &[i64]) -> Self {
         let mut last: HashMap<i64, usize> = HashMap::with_capacity(tokens.len());
-        let prev = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| last.insert(*t, i).unwrap_or(NONE))
-            .collect();
+        let prev = tokens.iter().enumerate().map(|(i, t)| last.insert(*t, i).unwrap_or(NONE)).collect();
         TokenChain { prev }
     }
 
@@ -147,7 +143,10 @@ pub enum Targets<'a> {
     /// {0}.
     Bos,
     /// {p + shift : p earlier occurrence of t[i]}: duplicate_token (0) and induction (1).
-    Chain { chain: &'a TokenChain, shift: usize },
+    Chain {
+        chain: &'a TokenChain,
+        shift: usize,
+    },
     Sparse(&'a SparseRows),
 }
 
@@ -262,7 +261,15 @@ mod tests {
 
     #[test]
     fn kind_names_round_trip_and_reject_unknown() {
-        for k in [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction, Kind::Bos, Kind::SelfToken, Kind::Entropy, Kind::Offset(7)] {
+        for k in [
+            Kind::PreviousToken,
+            Kind::DuplicateToken,
+            Kind::Induction,
+            Kind::Bos,
+            Kind::SelfToken,
+            Kind::Entropy,
+            Kind::Offset(7),
+        ] {
             assert_eq!(k.name().parse::<Kind>().unwrap(), k);
         }
         assert!("offset_+2".parse::<Kind>().is_err() && "offset_03".parse::<Kind>().is_err());

@@ -85,6 +85,6 @@ mod tests {
         assert!(set_num_threads(0).is_err());
         set_num_threads(2).unwrap();
         assert_eq!(get_num_threads(), 2);
-        assert_eq!(install(|| rayon::current_num_threads()), 2);
+        assert_eq!(install(rayon::current_num_threads), 2);
     }
 }

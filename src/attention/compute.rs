@@ -20,10 +20,19 @@ pub trait Compute: Lane + Real + std::fmt::Display {
     /// elements must not alias A or B.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm(
-        m: usize, k: usize, n: usize, alpha: Self,
-        a: *const Self, rsa: isize, csa: isize,
-        b: *const Self, rsb: isize, csb: isize,
-        c: *mut Self, rsc: isize, csc: isize,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
     );
 
     /// `sum_p a[p] · b[p]` accumulated in index order, fused when the CPU has FMA: on such CPUs
@@ -40,7 +49,12 @@ pub trait Compute: Lane + Real + std::fmt::Display {
 
 /// Index-order dot product; `fused` selects a.mul_add(b, acc) over acc + a · b.
 #[inline(always)]
-fn ordered_dot<T: Copy>(a: ndarray::ArrayView1<'_, T>, b: ndarray::ArrayView1<'_, T>, zero: T, step: impl Fn(T, T, T) -> T) -> T {
+fn ordered_dot<T: Copy>(
+    a: ndarray::ArrayView1<'_, T>,
+    b: ndarray::ArrayView1<'_, T>,
+    zero: T,
+    step: impl Fn(T, T, T) -> T,
+) -> T {
     a.iter().zip(b.iter()).fold(zero, |acc, (&x, &y)| step(x, y, acc))
 }
 
@@ -64,10 +78,19 @@ impl Compute for f32 {
         f32::is_finite(self)
     }
     unsafe fn gemm(
-        m: usize, k: usize, n: usize, alpha: f32,
-        a: *const f32, rsa: isize, csa: isize,
-        b: *const f32, rsb: isize, csb: isize,
-        c: *mut f32, rsc: isize, csc: isize,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
     ) {
         matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc)
     }
@@ -104,10 +127,19 @@ impl Compute for f64 {
         f64::is_finite(self)
     }
     unsafe fn gemm(
-        m: usize, k: usize, n: usize, alpha: f64,
-        a: *const f64, rsa: isize, csa: isize,
-        b: *const f64, rsb: isize, csb: isize,
-        c: *mut f64, rsc: isize, csc: isize,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        c: *mut f64,
+        rsc: isize,
+        csc: isize,
     ) {
         matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc)
     }
@@ -199,7 +231,9 @@ mod tests {
     use ndarray::{s, Array2};
 
     fn pseudo_random(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
-        Array2::from_shape_fn((rows, cols), |(i, j)| (((i * 131 + j * 71 + seed * 17) * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0)
+        Array2::from_shape_fn((rows, cols), |(i, j)| {
+            (((i * 131 + j * 71 + seed * 17) * 2654435761usize) % 10007) as f32 / 5003.5 - 1.0
+        })
     }
 
     #[test]

@@ -95,7 +95,11 @@ impl<'a, C: Compute> QkHeads<'a, C> {
     ) -> Result<Self> {
         let (qs, ks) = (q.shape(), k.shape());
         if qs.len() < 3 {
-            return Err(Error::invalid("q", format!("an array of shape {} with at least 3 dimensions", layout.axes()), format!("shape {}", shape_str(qs))));
+            return Err(Error::invalid(
+                "q",
+                format!("an array of shape {} with at least 3 dimensions", layout.axes()),
+                format!("shape {}", shape_str(qs)),
+            ));
         }
         let dims = read_dims(qs, layout);
         if dims.d_head == 0 {
@@ -113,7 +117,13 @@ impl<'a, C: Compute> QkHeads<'a, C> {
         if kd.n != dims.n || kd.d_head != dims.d_head {
             return Err(Error::invalid(
                 "k",
-                format!("n = {} and d_head = {} like q (shape {}), layout {}", dims.n, dims.d_head, shape_str(qs), layout.axes()),
+                format!(
+                    "n = {} and d_head = {} like q (shape {}), layout {}",
+                    dims.n,
+                    dims.d_head,
+                    shape_str(qs),
+                    layout.axes()
+                ),
                 format!("n = {}, d_head = {} (shape {})", kd.n, kd.d_head, shape_str(ks)),
             ));
         }
@@ -128,15 +138,8 @@ impl<'a, C: Compute> QkHeads<'a, C> {
         }
         check_finite("q", &q)?;
         check_finite("k", &k)?;
-        let mut heads = QkHeads {
-            q: T::to_compute(q),
-            k: T::to_compute(k),
-            layout,
-            lead,
-            dims,
-            n_kv_heads: kd.heads,
-            mask: None,
-        };
+        let mut heads =
+            QkHeads { q: T::to_compute(q), k: T::to_compute(k), layout, lead, dims, n_kv_heads: kd.heads, mask: None };
         if let Some(m) = mask {
             heads.mask = Some(heads.key_mask_rows(m)?);
         }
@@ -156,7 +159,8 @@ impl<'a, C: Compute> QkHeads<'a, C> {
         if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
             return Err(bad_shape());
         }
-        let group_of = group_of_heads("attention_mask", &self.heads_lead(), &shape[..shape.len() - 1]).map_err(|_| bad_shape())?;
+        let group_of =
+            group_of_heads("attention_mask", &self.heads_lead(), &shape[..shape.len() - 1]).map_err(|_| bad_shape())?;
         let rows = match mask.ndim() {
             1 => mask.into_dimensionality::<Ix1>().expect("1-d mask").insert_axis(Axis(0)),
             _ => mask.into_dimensionality::<Ix2>().expect("2-d mask"),
@@ -216,7 +220,11 @@ fn check_finite<T: Real>(arg: &'static str, a: &ArrayViewD<'_, T>) -> Result<()>
         return Ok(());
     }
     let (ix, v) = a.indexed_iter().find(|(_, v)| !v.to_f64().is_finite()).expect("a non-finite element exists");
-    Err(Error::invalid(arg, "finite values", format!("{} at index {}", v.to_f64(), shape_str(ix.slice()).replace(",)", ")"))))
+    Err(Error::invalid(
+        arg,
+        "finite values",
+        format!("{} at index {}", v.to_f64(), shape_str(ix.slice()).replace(",)", ")")),
+    ))
 }
 
 #[cfg(test)]

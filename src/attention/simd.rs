@@ -139,7 +139,11 @@ fn exp_weighted_sum_impl<T: Lane, const FMA: bool>(s: &[T], m: T) -> f64 {
     lane_sum(s, |v| {
         let x = v.sub(m);
         let e = x.exp_nonpositive::<FMA>();
-        if e > T::ZERO { e.mul(x) } else { T::ZERO }
+        if e > T::ZERO {
+            e.mul(x)
+        } else {
+            T::ZERO
+        }
     })
 }
 
@@ -275,4 +279,3 @@ mod tests {
         assert!((exp_weighted_sum_f64(&s, 0.0) + (-1.0f64).exp() + 2.0 * (-2.0f64).exp()).abs() < 1e-15);
     }
 }
-

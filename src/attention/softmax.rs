@@ -48,7 +48,8 @@ impl OnlineRow {
         }
         let max = self.max.max(tile.max);
         let (a, b) = ((self.max - max).exp(), (tile.max - max).exp());
-        self.weighted = a * (self.weighted + (self.max - max) * self.sum) + b * (tile.weighted + (tile.max - max) * tile.sum);
+        self.weighted =
+            a * (self.weighted + (self.max - max) * self.sum) + b * (tile.weighted + (tile.max - max) * tile.sum);
         self.sum = a * self.sum + b * tile.sum;
         self.max = max;
     }
@@ -66,19 +67,31 @@ impl OnlineRow {
     /// ln sum_j e^(s_j); -inf for an empty row.
     #[cfg(test)]
     pub fn log_sum_exp(&self) -> f64 {
-        if self.is_empty() { f64::NEG_INFINITY } else { self.max + self.sum.ln() }
+        if self.is_empty() {
+            f64::NEG_INFINITY
+        } else {
+            self.max + self.sum.ln()
+        }
     }
 
     /// The softmax probability of a key with this logit, e^((s - max) - ln sum): subtracting the
     /// max first keeps it exact for huge logits, where max + ln(sum) would lose ln(sum) to
     /// rounding. 0 for an empty row.
     pub fn probability(&self, logit: f64) -> f64 {
-        if self.is_empty() { 0.0 } else { ((logit - self.max) - self.sum.ln()).exp() }
+        if self.is_empty() {
+            0.0
+        } else {
+            ((logit - self.max) - self.sum.ln()).exp()
+        }
     }
 
     /// -sum_j p_j ln p_j of the row's softmax; 0 for an empty row (an all-zero pattern row).
     pub fn entropy(&self) -> f64 {
-        if self.is_empty() { 0.0 } else { self.sum.ln() - self.weighted / self.sum }
+        if self.is_empty() {
+            0.0
+        } else {
+            self.sum.ln() - self.weighted / self.sum
+        }
     }
 }
 

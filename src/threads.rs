@@ -26,13 +26,13 @@ fn default_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn build(threads: usize) -> Pool {
+fn build(threads: usize) -> Result<Pool> {
     let pool = ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("induct-fast-{i}"))
         .build()
-        .expect("building a rayon thread pool");
-    Pool { pid: std::process::id(), threads, pool: Arc::new(pool) }
+        .map_err(|e| Error::invalid("n", "a number of threads the system can start", format!("{threads} ({e})")))?;
+    Ok(Pool { pid: std::process::id(), threads, pool: Arc::new(pool) })
 }
 
 fn current() -> Arc<ThreadPool> {
@@ -44,7 +44,8 @@ fn current() -> Arc<ThreadPool> {
             if let Some(old) = guard.take() {
                 std::mem::forget(old); // a forked child's copy: its threads do not exist here
             }
-            let fresh = build(threads);
+            // A default the system refuses (thread limits) falls back to one thread.
+            let fresh = build(threads).or_else(|_| build(1)).expect("starting one worker thread");
             let pool = fresh.pool.clone();
             *guard = Some(fresh);
             pool
@@ -62,8 +63,8 @@ pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::invalid("n", "a number of threads >= 1", n));
     }
-    let mut guard = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    *guard = Some(build(n));
+    let pool = build(n)?;
+    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Some(pool);
     Ok(())
 }
 

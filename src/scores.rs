@@ -144,7 +144,7 @@ impl<'k> QueryPlan<'k> {
         let n_heads: usize = self.lead.iter().product();
         let blocks = row_blocks(n_heads, n, block_rows);
         let mut values = (reduce == Reduce::PerQuery).then(|| vec![f64::NAN; n_kinds * n_heads * n]);
-        let outs = split_outputs(values.as_deref_mut(), n_heads, n, block_rows);
+        let outs = split_outputs(values.as_deref_mut(), blocks.len(), n_heads, n, block_rows);
         let partials: Vec<Partial> = threads::install(|| {
             blocks
                 .par_iter()
@@ -188,8 +188,13 @@ fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize,
 }
 
 /// Per block (in `row_blocks` order), one output slice per kind; empty lists without `out`.
-fn split_outputs(out: Option<&mut [f64]>, n_heads: usize, n: usize, block_rows: usize) -> Vec<Vec<&mut [f64]>> {
-    let n_blocks = row_blocks(n_heads, n, block_rows).len();
+fn split_outputs(
+    out: Option<&mut [f64]>,
+    n_blocks: usize,
+    n_heads: usize,
+    n: usize,
+    block_rows: usize,
+) -> Vec<Vec<&mut [f64]>> {
     let Some(out) = out.filter(|o| !o.is_empty()) else {
         return (0..n_blocks).map(|_| Vec::new()).collect();
     };

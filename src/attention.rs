@@ -2,7 +2,8 @@
 //! no n×n matrix is ever held.
 //!
 //! * [`attention_patterns`]: `[*lead, n_heads, n, n]` = softmax(scale · q·kᵀ) per head, with the
-//!   causal mask and an optional padding mask on keys.
+//!   causal mask, an optional sliding window, an optional logit soft cap and an optional padding
+//!   mask on keys.
 //! * [`scores_from_qk`]: the per-query scores of `scores::per_query_scores` over those patterns,
 //!   computed tile by tile: for each query row, an online log-sum-exp over its keys (and the
 //!   entropy), then the logits of its target keys only. Extra memory is one
@@ -13,9 +14,15 @@
 //!   Logits come from one GEMM per tile with f32 accumulation over d_head (as TransformerLens
 //!   does); exponentials are f32 (`simd::exp_f32`, 2 ulp) summed in f32 over at most 16 terms
 //!   per lane and in f64 beyond; every per-row merge, log-sum-exp and target probability is f64.
-//! * Masks: key j is allowed for query i when j <= i (if causal), attention_mask[b, j] != 0 and,
-//!   for the scores with exclude_bos, j >= 1. A row with no allowed key is all zeros (its
-//!   target masses are 0, its entropy 0): no NaN is made up for padding queries.
+//! * Masks: key j is allowed for query i when j <= i (if causal), i - j < window (if given; it
+//!   needs causal), attention_mask[b, j] != 0 and, for the scores with exclude_bos, j >= 1. A
+//!   pattern row with no allowed key is all zeros. In the scores, padding positions are neither
+//!   queries nor targets (`scores::score_block`), so such rows are never scored.
+//! * Soft cap: s_ij = softcap · tanh(scale · q_i·k_j / softcap), before masking, by one scalar
+//!   tanh per allowed entry ([`Compute::soft_cap`]); the fused kernel's target logits go through
+//!   the same function, so they match the log-sum-exp bit for bit. Without a cap nothing changes.
+//! * Window: the fused kernel and the patterns compute only the key tiles that reach into some
+//!   row's window, O(n · (window + QUERY_TILE)) per head instead of O(n²).
 //! * GEMM: matrixmultiply (already a dependency of ndarray; AVX-512/AVX2/FMA kernels chosen at
 //!   run time). On our tile shapes (m × n × k = 64..256 × 64..512 × 16..128, strided A) it ran at
 //!   61-91 GFLOP/s on one AVX-512 core against 59-92 for the `gemm` crate (0.19, x86-v4), which
@@ -43,8 +50,8 @@ use heads::QkHeads;
 use softmax::{softmax_in_place, OnlineRow};
 
 use crate::error::{Error, Result};
-use crate::scores::{score_block, QueryPlan, QueryRows, Reduce, ScoreOptions};
-use crate::targets::{Kind, Targets};
+use crate::scores::{score_block, BlockTargets, QueryPlan, QueryRows, Reduce, ScoreOptions};
+use crate::targets::Kind;
 use crate::threads;
 
 /// Query rows per task. Fixed, so results do not depend on the number of threads.
@@ -59,19 +66,107 @@ pub struct AttentionOptions {
     pub scale: Option<f64>,
     /// Mask keys j > i.
     pub causal: bool,
+    /// Logit soft cap (Gemma-2's `attn_logit_softcapping`): s = softcap · tanh(s / softcap).
+    pub softcap: Option<f64>,
+    /// Sliding window (Hugging Face's `sliding_window`): key j is allowed for query i only when
+    /// i - j < window. At least 1; needs `causal`.
+    pub window: Option<usize>,
     pub layout: Layout,
 }
 
 impl Default for AttentionOptions {
     fn default() -> Self {
-        AttentionOptions { scale: None, causal: true, layout: Layout::Bnhd }
+        AttentionOptions { scale: None, causal: true, softcap: None, window: None, layout: Layout::Bnhd }
+    }
+}
+
+/// The validated logit rules of one call, in the compute precision.
+#[derive(Debug, Clone, Copy)]
+struct Logits<C> {
+    scale: C,
+    causal: bool,
+    softcap: Option<C>,
+    /// Only when it masks something (window < n): a window >= n is no window at all.
+    window: Option<usize>,
+}
+
+impl<C: Compute> Logits<C> {
+    /// Checks the options: scale finite (default 1 / sqrt(d_head)), softcap finite and > 0 in
+    /// the compute precision, window >= 1 and only with causal.
+    fn new(options: &AttentionOptions, d_head: usize, n: usize) -> Result<Self> {
+        let value = options.scale.unwrap_or(1.0 / (d_head as f64).sqrt());
+        let scale = C::from_f64(value);
+        if !Compute::is_finite(scale) {
+            return Err(Error::invalid("scale", "a finite number (None for 1/sqrt(d_head))", value));
+        }
+        let softcap = match options.softcap {
+            None => None,
+            Some(cap) => {
+                let narrowed = C::from_f64(cap);
+                if !(Compute::is_finite(narrowed) && narrowed.widen() > 0.0) {
+                    return Err(Error::invalid("softcap", "a finite number > 0 (None for no soft cap)", cap));
+                }
+                Some(narrowed)
+            }
+        };
+        if let Some(w) = options.window {
+            if w == 0 {
+                return Err(Error::invalid("window", "an integer >= 1 (None for no window)", w));
+            }
+            if !options.causal {
+                return Err(Error::invalid(
+                    "window",
+                    "None with causal=False: a sliding window needs causal=True",
+                    format!("window={w} with causal=False"),
+                ));
+            }
+        }
+        Ok(Logits { scale, causal: options.causal, softcap, window: options.window.filter(|&w| w < n) })
+    }
+
+    /// The first key query i may attend to under the window (0 without one).
+    #[inline]
+    fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
+
+    /// One past the last key query i may attend to: i + 1 when causal, else n.
+    #[inline]
+    fn end_key(&self, i: usize, n: usize) -> usize {
+        if self.causal {
+            i + 1
+        } else {
+            n
+        }
+    }
+
+    /// Applies the soft cap (if any) to logits straight from the GEMM, before any masking.
+    #[inline]
+    fn cap(&self, s: &mut [C]) {
+        if let Some(cap) = self.softcap {
+            for v in s {
+                *v = v.soft_cap(cap);
+            }
+        }
+    }
+
+    /// One logit s_ij, rounded exactly as the GEMM and [`Logits::cap`] round it.
+    #[inline]
+    fn logit(&self, q: ArrayView1<'_, C>, k: ArrayView1<'_, C>) -> C {
+        let s = C::dot(q, k).mul(self.scale);
+        match self.softcap {
+            Some(cap) => s.soft_cap(cap),
+            None => s,
+        }
     }
 }
 
 /// Attention patterns `[*lead, n_heads, n, n]` in the compute precision of `T`.
 ///
 /// A[i, j] = exp(s_ij - m_i) / sum_{j' allowed} exp(s_ij' - m_i) for allowed keys j, else 0,
-/// with s_ij = scale · q_i · k_j and m_i the row's largest allowed logit. q is
+/// with s_ij = scale · q_i · k_j (then softcap · tanh(s_ij / softcap) with a soft cap) and m_i
+/// the row's largest allowed logit; j is allowed when j <= i (causal), i - j < window (if
+/// given) and `mask[j]`. q is
 /// `[*lead, n, n_heads, d_head]` (`Layout::Bnhd`) or `[*lead, n_heads, n, d_head]`; k likewise
 /// with n_kv_heads dividing n_heads; `mask` is `[n]` or `[lead[0], n]` (true = a real key).
 pub fn attention_patterns<'a, T: QkElement>(
@@ -81,8 +176,8 @@ pub fn attention_patterns<'a, T: QkElement>(
     options: AttentionOptions,
 ) -> Result<ArrayD<T::Compute>> {
     let heads = QkHeads::new(q, k, options.layout, mask)?;
-    let scale = resolve_scale::<T::Compute>(options.scale, heads.d_head())?;
     let n = heads.n();
+    let logits = Logits::<T::Compute>::new(&options, heads.d_head(), n)?;
     let mut shape = heads.heads_lead();
     shape.extend([n, n]);
     let len = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
@@ -98,7 +193,7 @@ pub fn attention_patterns<'a, T: QkElement>(
             out.par_chunks_mut(n * n).enumerate().try_for_each(|(h, head)| {
                 head.par_chunks_mut(QUERY_TILE * n).enumerate().try_for_each(|(t, block)| {
                     let start = t * QUERY_TILE;
-                    pattern_block(&heads, h, start..(start + QUERY_TILE).min(n), block, scale, options.causal)
+                    pattern_block(&heads, h, start..(start + QUERY_TILE).min(n), block, &logits)
                 })
             })
         })?;
@@ -114,7 +209,10 @@ pub fn attention_patterns<'a, T: QkElement>(
 /// For query i with allowed keys K(i) (see [`attention_patterns`], minus key 0 when
 /// `score.exclude_bos`): lse_i = log sum_{j in K(i)} exp(s_ij) online over key tiles, then
 /// A[i, j] = exp(s_ij - lse_i) for the targets j of each kind only, and the entropy
-/// lse_i - sum_j A[i, j] s_ij from the same pass. `tokens` is `[n]` or `[lead[0], n]`.
+/// lse_i - sum_j A[i, j] s_ij from the same pass. `tokens` is `[n]` or `[lead[0], n]`; `mask`
+/// likewise, and padding positions are never attended, never queries and never targets (as
+/// `scores::per_query_scores` with the same mask sees the patterns). Only the key tiles that
+/// reach into a row's window are computed.
 #[allow(clippy::too_many_arguments)]
 pub fn scores_from_qk<'a, T: QkElement>(
     q: ArrayViewD<'a, T>,
@@ -126,32 +224,18 @@ pub fn scores_from_qk<'a, T: QkElement>(
     score: ScoreOptions,
     reduce: Reduce,
 ) -> Result<ArrayD<f64>> {
-    let heads = QkHeads::new(q, k, options.layout, mask)?;
-    let scale = resolve_scale::<T::Compute>(options.scale, heads.d_head())?;
+    let heads = QkHeads::new(q, k, options.layout, mask.clone())?;
     let n = heads.n();
-    let plan = QueryPlan::new(kinds, tokens.as_ref(), &heads.heads_lead(), n, "q")?;
-    let score_plan = ScorePlan {
-        scale,
-        causal: options.causal,
-        first_key: usize::from(score.exclude_bos),
-        entropy: kinds.contains(&Kind::Entropy),
-    };
+    let logits = Logits::<T::Compute>::new(&options, heads.d_head(), n)?;
+    let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, &heads.heads_lead(), n, "q", score)?;
+    let score_plan =
+        ScorePlan { logits, first_key: usize::from(score.exclude_bos), entropy: kinds.contains(&Kind::Entropy) };
     plan.run(
         QUERY_TILE,
         reduce,
         || vec![<T::Compute as simd::Lane>::ZERO; QUERY_TILE * KEY_TILE],
         |tile, h, rows, targets, out| score_tile(&heads, h, rows, targets, &score_plan, tile, out),
     )
-}
-
-/// The scale in the compute precision: 1 / sqrt(d_head) by default; NaN and inf are errors.
-fn resolve_scale<C: Compute>(scale: Option<f64>, d_head: usize) -> Result<C> {
-    let value = scale.unwrap_or(1.0 / (d_head as f64).sqrt());
-    let narrowed = C::from_f64(value);
-    if !Compute::is_finite(narrowed) {
-        return Err(Error::invalid("scale", "a finite number (None for 1/sqrt(d_head))", value));
-    }
-    Ok(narrowed)
 }
 
 /// A zero-filled vector, or None when the allocator refuses (never an abort).
@@ -191,23 +275,25 @@ fn pattern_block<C: Compute>(
     h: usize,
     rows: Range<usize>,
     out: &mut [C],
-    scale: C,
-    causal: bool,
+    logits: &Logits<C>,
 ) -> Result<()> {
     let n = heads.n();
     let (q, k, mask) = (heads.query(h), heads.key(h), heads.key_mask(h));
-    let key_end = if causal { rows.end } else { n };
-    compute::logits_tile(&q, &k, rows.clone(), 0..key_end, scale, out, n);
+    // Keys key_start..key_end cover every row's allowed keys.
+    let (key_start, key_end) = (logits.first_key(rows.start), logits.end_key(rows.end - 1, n));
+    compute::logits_tile(&q, &k, rows.clone(), key_start..key_end, logits.scale, &mut out[key_start..], n);
     for (r, i) in rows.enumerate() {
         let row = &mut out[r * n..(r + 1) * n];
-        let end = if causal { i + 1 } else { n };
-        let (allowed, future) = row.split_at_mut(end);
-        // The GEMM also filled keys i < j < key_end: zero them. Keys from key_end on are still
-        // the allocation's zeros; leaving them untouched keeps those pages unmapped, so the
-        // upper triangle of a causal pattern costs no resident memory.
-        future[..key_end - end].fill(C::ZERO);
+        let (lo, end) = (logits.first_key(i), logits.end_key(i, n));
+        // The GEMM also filled keys outside lo..end: zero them. Keys outside key_start..key_end
+        // are still the allocation's zeros; leaving them untouched keeps those pages unmapped,
+        // so the upper triangle of a causal pattern costs no resident memory.
+        row[key_start..lo].fill(C::ZERO);
+        row[end..key_end].fill(C::ZERO);
+        let allowed = &mut row[lo..end];
+        logits.cap(allowed);
         if let Some(m) = &mask {
-            mask_keys(allowed, m, 0);
+            mask_keys(allowed, m, lo);
         }
         if !softmax_in_place(allowed) {
             return Err(overflow(heads, h, i));
@@ -218,8 +304,7 @@ fn pattern_block<C: Compute>(
 
 /// What every block of the fused scores needs besides its head and rows.
 struct ScorePlan<C> {
-    scale: C,
-    causal: bool,
+    logits: Logits<C>,
     /// 1 with exclude_bos: key 0 leaves the softmax, which renormalises the rest exactly.
     first_key: usize,
     entropy: bool,
@@ -230,7 +315,7 @@ fn score_tile<C: Compute>(
     heads: &QkHeads<'_, C>,
     h: usize,
     rows: Range<usize>,
-    targets: &[Option<Targets>],
+    targets: &BlockTargets,
     plan: &ScorePlan<C>,
     tile: &mut [C],
     out: &mut [&mut [f64]],
@@ -240,19 +325,12 @@ fn score_tile<C: Compute>(
     if let Some(r) = online.iter().position(|row| !row.is_valid()) {
         return Err(overflow(heads, h, rows.start + r));
     }
-    let block = FusedRows {
-        query: &q,
-        keys: &k,
-        mask: mask.as_ref(),
-        scale: plan.scale,
-        causal: plan.causal,
-        start: rows.start,
-        online,
-    };
-    score_block(&block, rows, targets, plan.first_key, out)
+    let block = FusedRows { query: &q, keys: &k, mask: mask.as_ref(), logits: plan.logits, start: rows.start, online };
+    score_block(&block, rows, targets, out)
 }
 
-/// The online softmax statistics of each row in `rows`, over its allowed keys, tile by tile.
+/// The online softmax statistics of each row in `rows`, over its allowed keys, tile by tile;
+/// tiles start at the first key any row of the block may attend to.
 fn online_rows<C: Compute>(
     q: &ArrayView2<'_, C>,
     k: &ArrayView2<'_, C>,
@@ -262,20 +340,21 @@ fn online_rows<C: Compute>(
     tile: &mut [C],
 ) -> Vec<OnlineRow> {
     let mut online = vec![OnlineRow::EMPTY; rows.len()];
-    let key_end = if plan.causal { rows.end } else { k.nrows() };
-    for j0 in (0..key_end).step_by(KEY_TILE) {
+    let logits = &plan.logits;
+    let n = k.nrows();
+    let key_start = logits.first_key(rows.start).max(plan.first_key);
+    let key_end = logits.end_key(rows.end - 1, n);
+    for j0 in (key_start..key_end).step_by(KEY_TILE) {
         let j1 = (j0 + KEY_TILE).min(key_end);
-        if j1 <= plan.first_key {
-            continue;
-        }
-        compute::logits_tile(q, k, rows.clone(), j0..j1, plan.scale, tile, KEY_TILE);
+        compute::logits_tile(q, k, rows.clone(), j0..j1, logits.scale, tile, KEY_TILE);
         for (r, i) in rows.clone().enumerate() {
-            let lo = j0.max(plan.first_key);
-            let hi = if plan.causal { j1.min(i + 1) } else { j1 };
+            let lo = j0.max(logits.first_key(i)).max(plan.first_key);
+            let hi = j1.min(logits.end_key(i, n));
             if lo >= hi {
                 continue;
             }
             let s = &mut tile[r * KEY_TILE + lo - j0..r * KEY_TILE + hi - j0];
+            logits.cap(s);
             if let Some(m) = mask {
                 mask_keys(s, m, lo);
             }
@@ -290,8 +369,7 @@ struct FusedRows<'v, C> {
     query: &'v ArrayView2<'v, C>,
     keys: &'v ArrayView2<'v, C>,
     mask: Option<&'v ArrayView1<'v, bool>>,
-    scale: C,
-    causal: bool,
+    logits: Logits<C>,
     start: usize,
     /// Online softmax statistics of rows start.. (all valid).
     online: Vec<OnlineRow>,
@@ -300,13 +378,14 @@ struct FusedRows<'v, C> {
 impl<C: Compute> QueryRows for FusedRows<'_, C> {
     fn entry(&self, i: usize, j: usize) -> f64 {
         let row = &self.online[i - self.start];
-        let masked = (self.causal && j > i) || self.mask.is_some_and(|m| !m[j]);
-        if masked || row.is_empty() {
+        let n = self.keys.nrows();
+        let allowed = (self.logits.first_key(i)..self.logits.end_key(i, n)).contains(&j);
+        if !allowed || self.mask.is_some_and(|m| !m[j]) || row.is_empty() {
             return 0.0;
         }
-        // Rounded like the GEMM's entry (alpha · sum), so it matches the logit in the lse.
-        let logit = C::dot(self.query.row(i), self.keys.row(j)).mul(self.scale);
-        row.probability(logit.widen())
+        // Rounded like the GEMM's entry (alpha · sum) and capped by the same function, so it
+        // matches the logit in the lse.
+        row.probability(self.logits.logit(self.query.row(i), self.keys.row(j)).widen())
     }
 
     /// The online softmax already leaves key 0 out under exclude_bos: nothing to rescale.
@@ -330,6 +409,16 @@ mod tests {
     use crate::scores::{head_scores, per_query_scores};
     use ndarray::{Array, ArrayD};
 
+    const KINDS: [Kind; 7] = [
+        Kind::PreviousToken,
+        Kind::DuplicateToken,
+        Kind::Induction,
+        Kind::Bos,
+        Kind::SelfToken,
+        Kind::Offset(5),
+        Kind::Entropy,
+    ];
+
     /// Deterministic pseudo-random values in [-1, 1).
     fn noise(shape: &[usize], seed: u64) -> ArrayD<f32> {
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -339,26 +428,87 @@ mod tests {
         })
     }
 
-    /// The obvious O(n²) softmax in f64, one head at a time.
+    /// `scores_from_qk` of f32 q and k (q as keys too when `k` is None).
+    #[allow(clippy::too_many_arguments)]
+    fn fused(
+        q: &ArrayD<f32>,
+        k: Option<&ArrayD<f32>>,
+        tokens: Option<&ArrayD<i64>>,
+        mask: Option<&ArrayD<bool>>,
+        kinds: &[Kind],
+        opts: AttentionOptions,
+        score: ScoreOptions,
+        reduce: Reduce,
+    ) -> Result<ArrayD<f64>> {
+        let k = k.unwrap_or(q);
+        scores_from_qk(q.view(), k.view(), tokens.map(|t| t.view()), mask.map(|m| m.view()), kinds, opts, score, reduce)
+    }
+
+    /// Same NaNs, and within `tol` elsewhere.
+    fn assert_close(got: &ArrayD<f64>, want: &ArrayD<f64>, tol: f64, context: &str) {
+        assert_eq!(got.shape(), want.shape(), "{context}");
+        for ((ix, g), w) in got.indexed_iter().zip(want.iter()) {
+            assert!(g.is_nan() == w.is_nan() && (g.is_nan() || (g - w).abs() < tol), "{context}: {g} vs {w} at {ix:?}");
+        }
+    }
+
+    /// The obvious O(n²) softmax in f64, one head at a time, with the soft cap
+    /// s = cap · tanh(s / cap) and the window i - j < w of `opts`.
     fn reference(
         q: &ArrayView2<f32>,
         k: &ArrayView2<f32>,
-        scale: f64,
-        causal: bool,
+        opts: &AttentionOptions,
         mask: Option<&[bool]>,
     ) -> Vec<Vec<f64>> {
         let n = q.nrows();
+        let scale = opts.scale.unwrap_or(1.0 / (q.ncols() as f64).sqrt());
+        let cap = |s: f64| opts.softcap.map_or(s, |c| c * (s / c).tanh());
         (0..n)
             .map(|i| {
-                let allowed = |j: usize| (!causal || j <= i) && mask.is_none_or(|m| m[j]);
+                let in_window = |j: usize| opts.window.is_none_or(|w| j + w > i);
+                let allowed = |j: usize| (!opts.causal || j <= i) && in_window(j) && mask.is_none_or(|m| m[j]);
                 let s: Vec<f64> = (0..n)
-                    .map(|j| q.row(i).iter().zip(k.row(j)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale)
+                    .map(
+                        |j| cap(q.row(i).iter().zip(k.row(j)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale),
+                    )
                     .collect();
                 let m = (0..n).filter(|&j| allowed(j)).map(|j| s[j]).fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = (0..n).filter(|&j| allowed(j)).map(|j| (s[j] - m).exp()).sum();
                 (0..n).map(|j| if allowed(j) { (s[j] - m).exp() / z } else { 0.0 }).collect()
             })
             .collect()
+    }
+
+    /// Patterns of q [B, n, H, d], k [B, n, KV, d] under `opts` and a [B, n] mask against the
+    /// reference, for the picked (batch, head)s.
+    fn assert_patterns_match_reference(
+        q: &ArrayD<f32>,
+        k: &ArrayD<f32>,
+        mask: &ArrayD<bool>,
+        opts: AttentionOptions,
+        picks: &[(usize, usize)],
+        tol: f64,
+    ) -> ArrayD<f32> {
+        let a = attention_patterns(q.view(), k.view(), Some(mask.view()), opts).unwrap();
+        let (n, group) = (q.shape()[1], q.shape()[2] / k.shape()[2]);
+        assert_eq!(a.shape(), &[q.shape()[0], q.shape()[2], n, n]);
+        for &(b, head) in picks {
+            let qh = q.slice(ndarray::s![b, .., head, ..]);
+            let kh = k.slice(ndarray::s![b, .., head / group, ..]);
+            let m: Vec<bool> = mask.slice(ndarray::s![b, ..]).to_vec();
+            let want = reference(&qh, &kh, &opts, Some(&m));
+            for i in 0..n {
+                for j in 0..n {
+                    let got = a[[b, head, i, j]] as f64;
+                    assert!(
+                        (got - want[i][j]).abs() < tol,
+                        "{opts:?} ({b}, {head}, {i}, {j}): {got} vs {}",
+                        want[i][j]
+                    );
+                }
+            }
+        }
+        a
     }
 
     #[test]
@@ -370,22 +520,66 @@ mod tests {
         let mut mask = Array::from_elem(IxDyn(&[2, n]), true);
         mask[[1, 0]] = false;
         mask[[1, 1]] = false;
-        let a = attention_patterns(q.view(), k.view(), Some(mask.view()), AttentionOptions::default()).unwrap();
-        assert_eq!(a.shape(), &[2, 4, n, n]);
-        for (b, head) in [(0, 0), (1, 3), (1, 2)] {
-            let qh = q.slice(ndarray::s![b, .., head, ..]);
-            let kh = k.slice(ndarray::s![b, .., head / 2, ..]);
-            let m: Vec<bool> = mask.slice(ndarray::s![b, ..]).to_vec();
-            let want = reference(&qh, &kh, 1.0 / (d as f64).sqrt(), true, Some(&m));
-            for i in 0..n {
-                for j in 0..n {
-                    let got = a[[b, head, i, j]] as f64;
-                    assert!((got - want[i][j]).abs() < 1e-6, "({b}, {head}, {i}, {j}): {got} vs {}", want[i][j]);
-                }
-            }
-        }
+        let picks = [(0, 0), (1, 3), (1, 2)];
+        let a = assert_patterns_match_reference(&q, &k, &mask, AttentionOptions::default(), &picks, 1e-6);
         // Rows whose keys are all padding are zero.
         assert!(a.slice(ndarray::s![1, .., 0..2, ..]).iter().all(|&v| v == 0.0));
+    }
+
+    /// Patterns with a soft cap and windows against the f64 reference, across key tiles.
+    #[test]
+    fn soft_cap_and_window_patterns_match_the_reference() {
+        let (n, d) = (330, 8);
+        let q = noise(&[2, n, 2, d], 11) * 6.0;
+        let k = noise(&[2, n, 1, d], 12) * 6.0;
+        let mut mask = Array::from_elem(IxDyn(&[2, n]), true);
+        for j in [0, 1, 7, 200] {
+            mask[[1, j]] = false;
+        }
+        for (softcap, window) in [(Some(5.0), None), (None, Some(1)), (None, Some(37)), (Some(2.5), Some(260))] {
+            let opts = AttentionOptions { softcap, window, ..Default::default() };
+            assert_patterns_match_reference(&q, &k, &mask, opts, &[(0, 1), (1, 0)], 2e-6);
+        }
+        // window >= n is no window at all, bit for bit; window 1 attends to itself only.
+        let plain = attention_patterns(q.view(), k.view(), None, AttentionOptions::default()).unwrap();
+        let wide = AttentionOptions { window: Some(n), ..Default::default() };
+        assert_eq!(attention_patterns(q.view(), k.view(), None, wide).unwrap(), plain);
+        let one = AttentionOptions { window: Some(1), ..Default::default() };
+        let a = attention_patterns(q.view(), k.view(), None, one).unwrap();
+        assert!(a.indexed_iter().all(|(ix, &v)| v == if ix[2] == ix[3] { 1.0 } else { 0.0 }));
+    }
+
+    /// Fused per-query values and means against `per_query_scores` / `head_scores` of f64
+    /// patterns under the same options and mask (and of f32 patterns when `also_f32`).
+    #[allow(clippy::too_many_arguments)]
+    fn assert_fused_equals_stored(
+        q: &ArrayD<f32>,
+        k: &ArrayD<f32>,
+        tokens: &ArrayD<i64>,
+        mask: Option<&ArrayD<bool>>,
+        opts: AttentionOptions,
+        score: ScoreOptions,
+        also_f32: bool,
+    ) {
+        let context = format!("{opts:?} {score:?} mask {}", mask.is_some());
+        let run = |reduce| fused(q, Some(k), Some(tokens), mask, &KINDS, opts, score, reduce).unwrap();
+        let m = mask.map(|m| m.view());
+        let p64 = attention_patterns(q.mapv(f64::from).view(), k.mapv(f64::from).view(), m.clone(), opts).unwrap();
+        let mut stored = vec![p64.into_dyn()];
+        if also_f32 {
+            stored.push(attention_patterns(q.view(), k.view(), m.clone(), opts).unwrap().mapv(f64::from));
+        }
+        let (got, means) = (run(Reduce::PerQuery), run(Reduce::Mean));
+        for p in &stored {
+            let want = per_query_scores(p.view(), Some(tokens.view()), m.clone(), &KINDS, score).unwrap();
+            assert_close(&got, &want, 1e-5, &context);
+        }
+        let want = head_scores(stored[0].view(), Some(tokens.view()), m.clone(), &KINDS, score).unwrap();
+        assert_close(&means, &want, 1e-5, &context);
+        // Padding queries are never scored.
+        if let Some(m) = mask {
+            assert!(got.indexed_iter().all(|(ix, g)| m[[ix[1], ix[3]]] || g.is_nan()), "{context}");
+        }
     }
 
     #[test]
@@ -394,50 +588,42 @@ mod tests {
         let q = noise(&[2, n, 2, d], 3) * 4.0;
         let k = noise(&[2, n, 1, d], 4) * 4.0;
         let tokens = Array::from_shape_fn(IxDyn(&[2, n]), |ix| ((ix[1] * 7 + ix[0]) % 23) as i64);
-        let kinds = [
-            Kind::PreviousToken,
-            Kind::DuplicateToken,
-            Kind::Induction,
-            Kind::Bos,
-            Kind::SelfToken,
-            Kind::Offset(5),
-            Kind::Entropy,
-        ];
         for (causal, exclude_bos) in [(true, false), (true, true), (false, false)] {
             let opts = AttentionOptions { causal, ..Default::default() };
-            let score = ScoreOptions { exclude_bos };
-            let got =
-                scores_from_qk(q.view(), k.view(), Some(tokens.view()), None, &kinds, opts, score, Reduce::PerQuery)
-                    .unwrap();
             // Against f64 patterns (the truth) and f32 ones (what a user would compare with),
             // except under exclude_bos: 1 - A[i, 0] in f32 loses all digits when A[i, 0] ~ 1,
             // while the fused kernel renormalises exactly by leaving key 0 out of the softmax.
-            let p64 = attention_patterns(q.mapv(f64::from).view(), k.mapv(f64::from).view(), None, opts).unwrap();
-            let mut wants = vec![per_query_scores(p64.view(), Some(tokens.view()), &kinds, score).unwrap()];
-            if !exclude_bos {
-                let p32 = attention_patterns(q.view(), k.view(), None, opts).unwrap();
-                wants.push(per_query_scores(p32.view(), Some(tokens.view()), &kinds, score).unwrap());
-            }
-            for want in wants {
-                assert_eq!(got.shape(), want.shape());
-                for ((ix, g), w) in got.indexed_iter().zip(want.iter()) {
-                    assert!(
-                        g.is_nan() == w.is_nan() && (g.is_nan() || (g - w).abs() < 1e-5),
-                        "causal {causal} exclude_bos {exclude_bos}: {g} vs {w} at {:?}",
-                        ix
-                    );
-                }
-            }
-            let means =
-                scores_from_qk(q.view(), k.view(), Some(tokens.view()), None, &kinds, opts, score, Reduce::Mean)
-                    .unwrap();
-            let want = head_scores(p64.view(), Some(tokens.view()), &kinds, score).unwrap();
-            assert_eq!(means.shape(), &[kinds.len(), 2, 2]);
-            assert!(
-                means.iter().zip(want.iter()).all(|(g, w)| (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-5),
-                "{means} vs {want}"
-            );
+            assert_fused_equals_stored(&q, &k, &tokens, None, opts, ScoreOptions { exclude_bos }, !exclude_bos);
         }
+    }
+
+    /// Fused scores with soft cap, window, padding (left and right) and GQA equal the scores of
+    /// the stored patterns under the same mask.
+    #[test]
+    fn fused_scores_with_new_options_equal_scores_of_the_patterns() {
+        let (n, d) = (620, 16);
+        let q = noise(&[2, n, 4, d], 13) * 4.0;
+        let k = noise(&[2, n, 2, d], 14) * 4.0;
+        let tokens = Array::from_shape_fn(IxDyn(&[2, n]), |ix| ((ix[1] * 5 + ix[0]) % 19) as i64);
+        let right = Array::from_shape_fn(IxDyn(&[2, n]), |ix| ix[1] < n - 3 * ix[0] - 40);
+        let left = Array::from_shape_fn(IxDyn(&[2, n]), |ix| ix[1] >= 5 * ix[0] && ix[1] != 300);
+        let cases = [
+            (Some(3.0), None, Some(&right), false),
+            (None, Some(50), Some(&left), false),
+            (Some(1.5), Some(300), Some(&right), true),
+            (Some(20.0), Some(1), None, true),
+            (None, Some(257), Some(&left), false),
+        ];
+        for (softcap, window, mask, exclude_bos) in cases {
+            let opts = AttentionOptions { softcap, window, ..Default::default() };
+            assert_fused_equals_stored(&q, &k, &tokens, mask, opts, ScoreOptions { exclude_bos }, false);
+        }
+        // A wide window is no window, bit for bit.
+        let s = |window| {
+            let opts = AttentionOptions { window, ..Default::default() };
+            fused(&q, Some(&k), Some(&tokens), None, &KINDS, opts, ScoreOptions::default(), Reduce::Mean).unwrap()
+        };
+        assert_eq!(s(Some(n + 5)), s(None));
     }
 
     /// Any number of threads gives the same bits, and pooled patterns equal one thread walking
@@ -448,11 +634,12 @@ mod tests {
         let q = noise(&[1, n, 2, d], 5);
         let k = noise(&[1, n, 2, d], 6);
         let kinds = [Kind::PreviousToken, Kind::Entropy];
-        let opts = AttentionOptions::default();
+        let capped = AttentionOptions { softcap: Some(2.0), window: Some(300), ..Default::default() };
         let run = |reduce| {
-            scores_from_qk(q.view(), k.view(), None, None, &kinds, opts, ScoreOptions::default(), reduce).unwrap()
+            [AttentionOptions::default(), capped]
+                .map(|opts| fused(&q, Some(&k), None, None, &kinds, opts, ScoreOptions::default(), reduce).unwrap())
         };
-        let bits = |a: ArrayD<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits = |a: [ArrayD<f64>; 2]| a.iter().flat_map(|a| a.iter().map(|v| v.to_bits())).collect::<Vec<_>>();
         let _guard = threads::RESIZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         threads::set_num_threads(1).unwrap();
         let one = (bits(run(Reduce::PerQuery)), bits(run(Reduce::Mean)));
@@ -460,19 +647,21 @@ mod tests {
         let three = (bits(run(Reduce::PerQuery)), bits(run(Reduce::Mean)));
         assert_eq!(one, three);
 
-        let patterns = attention_patterns(q.view(), k.view(), None, opts).unwrap();
         let heads = QkHeads::new(q.view(), k.view(), Layout::Bnhd, None).unwrap();
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut rows = vec![0.0f32; n * n];
-        for h in 0..heads.heads_lead().iter().product::<usize>() {
-            for start in (0..n).step_by(QUERY_TILE) {
-                let end = (start + QUERY_TILE).min(n);
-                let block = &mut rows[start * n..end * n];
-                block.fill(0.0);
-                pattern_block(&heads, h, start..end, block, scale, true).unwrap();
+        for opts in [AttentionOptions::default(), capped] {
+            let patterns = attention_patterns(q.view(), k.view(), None, opts).unwrap();
+            let logits = Logits::<f32>::new(&opts, d, n).unwrap();
+            let mut rows = vec![0.0f32; n * n];
+            for h in 0..heads.heads_lead().iter().product::<usize>() {
+                for start in (0..n).step_by(QUERY_TILE) {
+                    let end = (start + QUERY_TILE).min(n);
+                    let block = &mut rows[start * n..end * n];
+                    block.fill(0.0);
+                    pattern_block(&heads, h, start..end, block, &logits).unwrap();
+                }
+                let pooled_head = patterns.slice(ndarray::s![0, h, .., ..]);
+                assert!(pooled_head.iter().zip(&rows).all(|(x, y)| x.to_bits() == y.to_bits()));
             }
-            let pooled_head = patterns.slice(ndarray::s![0, h, .., ..]);
-            assert!(pooled_head.iter().zip(&rows).all(|(x, y)| x.to_bits() == y.to_bits()));
         }
     }
 
@@ -485,76 +674,82 @@ mod tests {
         let a32 = attention_patterns(q.view(), k.view(), None, opts).unwrap();
         let a64 = attention_patterns(q.mapv(f64::from).view(), k.mapv(f64::from).view(), None, opts).unwrap();
         assert!(a32.iter().zip(a64.iter()).all(|(x, y)| (*x as f64 - y).abs() < 1e-5));
-        // Every key masked: zero rows, scores 0 where eligible, entropy 0.
+        // Every position padding: zero pattern rows; no query is eligible, so every score is NaN.
         let mask = Array::from_elem(IxDyn(&[40]), false);
         let a = attention_patterns(q.view(), k.view(), Some(mask.view()), opts).unwrap();
         assert!(a.iter().all(|&v| v == 0.0));
-        let s = scores_from_qk(
-            q.view(),
-            k.view(),
-            None,
-            Some(mask.view()),
-            &[Kind::PreviousToken, Kind::Entropy],
-            opts,
-            ScoreOptions::default(),
-            Reduce::PerQuery,
-        )
-        .unwrap();
-        assert!(s.slice(ndarray::s![.., 0, 1..]).iter().all(|&v| v == 0.0) && s[[0, 0, 0]].is_nan());
+        let kinds = [Kind::PreviousToken, Kind::Entropy];
+        let s = fused(&q, Some(&k), None, Some(&mask), &kinds, opts, ScoreOptions::default(), Reduce::PerQuery);
+        assert!(s.unwrap().iter().all(|v| v.is_nan()));
+    }
+
+    /// The GEMM's capped logits and `Logits::logit` round identically: with a soft cap, the
+    /// probability of the argmax key of a peaked row is the same whether read as a target
+    /// (recomputed) or from the stored pattern.
+    #[test]
+    fn capped_target_logits_match_the_log_sum_exp() {
+        let (n, d) = (300, 32);
+        let q = noise(&[n, 1, d], 15) * 3.0;
+        let opts = AttentionOptions { softcap: Some(30.0), scale: Some(1.0), ..Default::default() };
+        let selfs = |k: Option<&ArrayD<f32>>, opts| {
+            fused(&q, k, None, None, &[Kind::SelfToken], opts, ScoreOptions::default(), Reduce::PerQuery).unwrap()
+        };
+        // Keys equal to queries: the self logit dominates, so A[i, i] ~ 1.
+        let s = selfs(None, opts);
+        let p = attention_patterns(q.mapv(f64::from).view(), q.mapv(f64::from).view(), None, opts).unwrap();
+        for i in 1..n {
+            assert!((s[[0, 0, i]] - p[[0, i, i]]).abs() < 1e-6, "row {i}: {} vs {}", s[[0, 0, i]], p[[0, i, i]]);
+            assert!(s[[0, 0, i]] <= 1.0);
+        }
+        // With window 1 each row's only key is its own: the recomputed target logit must equal
+        // the row's max bit for bit for its probability to come out exactly 1 (FMA CPUs, where
+        // the dot product rounds like the GEMM; see compute.rs).
+        if simd::has_fma() {
+            let k = noise(&[n, 1, d], 18) * 3.0;
+            let s = selfs(Some(&k), AttentionOptions { window: Some(1), ..opts });
+            assert!(s.iter().skip(1).all(|&v| v == 1.0), "{s}");
+        }
     }
 
     #[test]
     fn errors_name_their_argument() {
         let q = noise(&[5, 2, 4], 9);
-        let bad_scale = AttentionOptions { scale: Some(f64::NAN), ..Default::default() };
-        let e = attention_patterns(q.view(), q.view(), None, bad_scale).unwrap_err().to_string();
+        let patterns_err =
+            |q: &ArrayD<f32>, opts| attention_patterns(q.view(), q.view(), None, opts).unwrap_err().to_string();
+        let fused_err = |q: &ArrayD<f32>, tokens: Option<&ArrayD<i64>>, mask, kinds: &[Kind], opts, score| {
+            fused(q, None, tokens, mask, kinds, opts, score, Reduce::PerQuery).unwrap_err().to_string()
+        };
+        let (plain, no_bos) = (ScoreOptions::default(), ScoreOptions { exclude_bos: true });
+        let e = patterns_err(&q, AttentionOptions { scale: Some(f64::NAN), ..Default::default() });
         assert!(e.starts_with("scale:"), "{e}");
-        let huge = AttentionOptions { scale: Some(1e300), ..Default::default() };
-        assert!(attention_patterns(q.view(), q.view(), None, huge).unwrap_err().to_string().starts_with("scale:"));
+        assert!(patterns_err(&q, AttentionOptions { scale: Some(1e300), ..Default::default() }).starts_with("scale:"));
         let big = &q * 1e20;
-        let e = scores_from_qk(
-            big.view(),
-            big.view(),
-            None,
-            None,
-            &[Kind::PreviousToken],
-            AttentionOptions::default(),
-            ScoreOptions::default(),
-            Reduce::PerQuery,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = fused_err(&big, None, None, &[Kind::PreviousToken], AttentionOptions::default(), plain);
         assert!(e.starts_with("q:") && e.contains("overflow"), "{e}");
-        assert!(attention_patterns(big.view(), big.view(), None, AttentionOptions::default())
-            .unwrap_err()
-            .to_string()
-            .contains("overflow"));
+        assert!(patterns_err(&big, AttentionOptions::default()).contains("overflow"));
         let tokens = Array::from_elem(IxDyn(&[4]), 1i64);
-        let e = scores_from_qk(
-            q.view(),
-            q.view(),
-            Some(tokens.view()),
-            None,
-            &[Kind::Induction],
-            AttentionOptions::default(),
-            ScoreOptions::default(),
-            Reduce::PerQuery,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = fused_err(&q, Some(&tokens), None, &[Kind::Induction], AttentionOptions::default(), plain);
         assert!(e.starts_with("tokens:") && e.contains("(5,)"), "{e}");
-        let e = scores_from_qk(
-            q.view(),
-            q.view(),
-            None,
-            None,
-            &[Kind::Offset(5)],
-            AttentionOptions::default(),
-            ScoreOptions::default(),
-            Reduce::PerQuery,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = fused_err(&q, None, None, &[Kind::Offset(5)], AttentionOptions::default(), plain);
         assert!(e.starts_with("offset:"), "{e}");
+
+        for cap in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+            let e = patterns_err(&q, AttentionOptions { softcap: Some(cap), ..Default::default() });
+            assert!(e.starts_with("softcap: expected a finite number > 0"), "{e}");
+        }
+        let e = patterns_err(&q, AttentionOptions { window: Some(0), ..Default::default() });
+        assert!(e.starts_with("window: expected an integer >= 1"), "{e}");
+        let e = patterns_err(&q, AttentionOptions { window: Some(3), causal: false, ..Default::default() });
+        assert!(e.starts_with("window: ") && e.contains("needs causal=True"), "{e}");
+        // A soft cap turns no overflow into a silent cap: the overflow is still an error.
+        let capped = AttentionOptions { softcap: Some(50.0), ..Default::default() };
+        assert!(patterns_err(&big, capped).contains("overflow"));
+        assert!(fused_err(&big, None, None, &[Kind::PreviousToken], capped, plain).contains("overflow"));
+        // exclude_bos with left padding: position 0 would be padding, not a BOS.
+        let q = noise(&[2, 5, 1, 4], 17);
+        let mut mask = Array::from_elem(IxDyn(&[2, 5]), true);
+        mask[[1, 0]] = false;
+        let e = fused_err(&q, None, Some(&mask), &[Kind::PreviousToken], AttentionOptions::default(), no_bos);
+        assert!(e.starts_with("exclude_bos:") && e.contains("attention_mask") && e.contains("prompt 1"), "{e}");
     }
 }

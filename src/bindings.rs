@@ -90,7 +90,7 @@ fn parse_kinds(kinds: &[String]) -> PyResult<Vec<Kind>> {
 
 /// Scores per query `[kinds, *lead, n]`, or their means `[kinds, *lead]` when `per_query` is false.
 #[pyfunction]
-#[pyo3(signature = (patterns, tokens, kinds, exclude_bos, per_query))]
+#[pyo3(signature = (patterns, tokens, kinds, exclude_bos, per_query, attention_mask))]
 fn head_scores<'py>(
     py: Python<'py>,
     patterns: FloatArray<'py>,
@@ -98,13 +98,15 @@ fn head_scores<'py>(
     kinds: Vec<String>,
     exclude_bos: bool,
     per_query: bool,
+    attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
     let kinds = parse_kinds(&kinds)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
+    let mask = attention_mask.as_ref().map(|m| m.as_array());
     let options = ScoreOptions { exclude_bos };
     let result = with_view!(&patterns, |view| py.detach(|| match reduce(per_query) {
-        Reduce::PerQuery => scores::per_query_scores(view, tokens, &kinds, options),
-        Reduce::Mean => scores::head_scores(view, tokens, &kinds, options),
+        Reduce::PerQuery => scores::per_query_scores(view, tokens, mask, &kinds, options),
+        Reduce::Mean => scores::head_scores(view, tokens, mask, &kinds, options),
     }))
     .map_err(value_error)?;
     Ok(result.into_pyarray(py))
@@ -144,14 +146,21 @@ fn detection_scores<'py>(
     Ok(result.into_pyarray(py))
 }
 
-fn attention_options(scale: Option<f64>, causal: bool, layout: &str) -> PyResult<AttentionOptions> {
+fn attention_options(
+    scale: Option<f64>,
+    causal: bool,
+    softcap: Option<f64>,
+    window: Option<usize>,
+    layout: &str,
+) -> PyResult<AttentionOptions> {
     let layout: Layout = layout.parse().map_err(value_error)?;
-    Ok(AttentionOptions { scale, causal, layout })
+    Ok(AttentionOptions { scale, causal, softcap, window, layout })
 }
 
 /// Attention patterns `[*lead, n_heads, n, n]` (float32 for float16/32 input, float64 for float64).
 #[pyfunction]
-#[pyo3(signature = (q, k, scale, causal, attention_mask, layout))]
+#[pyo3(signature = (q, k, scale, causal, attention_mask, layout, softcap, window))]
+#[allow(clippy::too_many_arguments)]
 fn attention_patterns<'py>(
     py: Python<'py>,
     q: FloatArray<'py>,
@@ -160,8 +169,10 @@ fn attention_patterns<'py>(
     causal: bool,
     attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     layout: &str,
+    softcap: Option<f64>,
+    window: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let options = attention_options(scale, causal, layout)?;
+    let options = attention_options(scale, causal, softcap, window, layout)?;
     let mask = attention_mask.as_ref().map(|m| m.as_array());
     with_qk_views!(&q, &k, |qv, kv| {
         let patterns = py.detach(|| attention::attention_patterns(qv, kv, mask, options)).map_err(value_error)?;
@@ -171,7 +182,7 @@ fn attention_patterns<'py>(
 
 /// Fused scores per query `[kinds, *lead, n_heads, n]`, or their means when `per_query` is false.
 #[pyfunction]
-#[pyo3(signature = (q, k, tokens, kinds, scale, causal, attention_mask, layout, exclude_bos, per_query))]
+#[pyo3(signature = (q, k, tokens, kinds, scale, causal, attention_mask, layout, exclude_bos, per_query, softcap, window))]
 #[allow(clippy::too_many_arguments)]
 fn scores_from_qk<'py>(
     py: Python<'py>,
@@ -185,9 +196,11 @@ fn scores_from_qk<'py>(
     layout: &str,
     exclude_bos: bool,
     per_query: bool,
+    softcap: Option<f64>,
+    window: Option<usize>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
     let kinds = parse_kinds(&kinds)?;
-    let options = attention_options(scale, causal, layout)?;
+    let options = attention_options(scale, causal, softcap, window, layout)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let mask = attention_mask.as_ref().map(|m| m.as_array());
     let score = ScoreOptions { exclude_bos };

@@ -3,6 +3,8 @@
 //! * [`per_query_scores`]: for each kind and query i, the attention mass on the targets T(i)
 //!   (NaN where i = 0 or T(i) is empty), or the row entropy. It reads only the target entries,
 //!   so positional kinds cost O(n) per head and token kinds O(n + |T|).
+//! * Padding (an optional `mask`, false = padding): padding positions are neither queries (NaN,
+//!   left out of every mean, entropy included) nor targets (dropped from every T(i)).
 //! * [`head_scores`]: the mean of those over eligible queries, the score of a head, summed
 //!   block by block without materialising the per-query values.
 //! * [`detection_scores`]: TransformerLens `head_detector`'s `mul` and `abs` formulas, which need
@@ -17,7 +19,7 @@ use ndarray::{ArrayD, ArrayView1, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_str, Error, Result};
-use crate::stack::{group_of_heads, Matrix, MatrixStack, Real};
+use crate::stack::{group_of_heads, Matrix, MatrixStack, PositionMask, Real};
 use crate::targets::{Kind, SparseRows, Targets, TokenChain};
 use crate::threads;
 
@@ -44,14 +46,16 @@ pub enum Reduce {
 /// Per-query scores, shape `[kinds.len(), *lead, n]`; NaN where a query is not eligible.
 ///
 /// `tokens` is `[n]` (shared by every head) or `[lead[0], n]` (one row per batch element); it is
-/// needed only by the token kinds. Non-finite pattern entries that a kind reads are errors.
+/// needed only by the token kinds. `mask` (same shapes, false = padding) makes padding
+/// positions neither queries nor targets. Non-finite pattern entries that a kind reads are errors.
 pub fn per_query_scores<T: Real>(
     patterns: ArrayViewD<'_, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
+    mask: Option<ArrayViewD<'_, bool>>,
     kinds: &[Kind],
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
-    stored_scores(patterns, tokens, kinds, options, Reduce::PerQuery)
+    stored_scores(patterns, tokens, mask, kinds, options, Reduce::PerQuery)
 }
 
 /// Head scores, shape `[kinds.len(), *lead]`: the mean over eligible queries of the per-query
@@ -59,29 +63,30 @@ pub fn per_query_scores<T: Real>(
 pub fn head_scores<T: Real>(
     patterns: ArrayViewD<'_, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
+    mask: Option<ArrayViewD<'_, bool>>,
     kinds: &[Kind],
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
-    stored_scores(patterns, tokens, kinds, options, Reduce::Mean)
+    stored_scores(patterns, tokens, mask, kinds, options, Reduce::Mean)
 }
 
 fn stored_scores<T: Real>(
     patterns: ArrayViewD<'_, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
+    mask: Option<ArrayViewD<'_, bool>>,
     kinds: &[Kind],
     options: ScoreOptions,
     reduce: Reduce,
 ) -> Result<ArrayD<f64>> {
     let stack = MatrixStack::new("patterns", patterns)?;
-    let plan = QueryPlan::new(kinds, tokens.as_ref(), stack.lead(), stack.n(), "the patterns")?;
-    let first_key = usize::from(options.exclude_bos);
+    let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, stack.lead(), stack.n(), "the patterns", options)?;
     plan.run(
         BLOCK_ROWS,
         reduce,
         || (),
         |_, h, rows, targets, out| {
             let block = StoredRows::new(&stack, h, rows.clone(), options)?;
-            score_block(&block, rows, targets, first_key, out)
+            score_block(&block, rows, targets, out)
         },
     )
 }
@@ -89,25 +94,41 @@ fn stored_scores<T: Real>(
 /// (sum, count) of the eligible per-query values of each kind over one block of rows.
 pub(crate) type Partial = Vec<(f64, usize)>;
 
-/// A validated per-query request: the kinds, and the token chain serving every head. Shared by
-/// the scores over stored patterns and the fused scores over q and k (`attention`).
-pub(crate) struct QueryPlan<'k> {
+/// A validated per-query request: the kinds, the token chain serving every head and which
+/// positions are real tokens. Shared by the scores over stored patterns and the fused scores
+/// over q and k (`attention`).
+pub(crate) struct QueryPlan<'k, 'm> {
     kinds: &'k [Kind],
     lead: Vec<usize>,
     n: usize,
     group_of: Vec<usize>,
     chains: Vec<TokenChain>,
+    mask: Option<PositionMask<'m>>,
+    first_key: usize,
 }
 
-impl<'k> QueryPlan<'k> {
-    /// Checks offsets against n and tokens against `lead` and n (`source` names where those come
-    /// from in errors). Tokens that no kind reads are still checked, so a mismatch never passes.
+/// What one block of rows of one head is scored against: the target set of each kind (None for
+/// entropy), the head's padding flags and the first key that counts.
+pub(crate) struct BlockTargets<'p> {
+    kinds: Vec<Option<Targets<'p>>>,
+    /// Which positions are real tokens (None: all). Padding is neither a query nor a target.
+    valid: Option<ArrayView1<'p, bool>>,
+    /// 1 under exclude_bos (key 0 is no target), else 0.
+    first_key: usize,
+}
+
+impl<'k, 'm> QueryPlan<'k, 'm> {
+    /// Checks offsets against n, tokens and `mask` against `lead` and n (`source` names where
+    /// those come from in errors), and that exclude_bos meets no prompt whose position 0 is
+    /// padding. Tokens that no kind reads are still checked, so a mismatch never passes.
     pub(crate) fn new(
         kinds: &'k [Kind],
         tokens: Option<&ArrayViewD<'_, i64>>,
+        mask: Option<ArrayViewD<'m, bool>>,
         lead: &[usize],
         n: usize,
         source: &str,
+        options: ScoreOptions,
     ) -> Result<Self> {
         for &kind in kinds {
             kind.check_range(n)?;
@@ -127,7 +148,17 @@ impl<'k> QueryPlan<'k> {
             }
             (_, None) => Vec::new(),
         };
-        Ok(QueryPlan { kinds, lead: lead.to_vec(), n, group_of, chains })
+        let mask = mask.map(|m| PositionMask::new(m, lead, n)).transpose()?;
+        if let Some(b) = mask.as_ref().filter(|_| options.exclude_bos && n > 0).and_then(|m| m.first_padded_at(0)) {
+            return Err(Error::invalid(
+                "exclude_bos",
+                "attention_mask[b, 0] == 1 in every prompt b, since exclude_bos drops position 0 as the BOS \
+                 (pad on the right instead)",
+                format!("an attention_mask whose position 0 is padding in prompt {b}"),
+            ));
+        }
+        let first_key = usize::from(options.exclude_bos);
+        Ok(QueryPlan { kinds, lead: lead.to_vec(), n, group_of, chains, mask, first_key })
     }
 
     /// Scores every block of `block_rows` rows of every head in parallel with
@@ -137,7 +168,7 @@ impl<'k> QueryPlan<'k> {
     pub(crate) fn run<S, I, F>(&self, block_rows: usize, reduce: Reduce, init: I, score: F) -> Result<ArrayD<f64>>
     where
         I: Fn() -> S + Sync + Send,
-        F: Fn(&mut S, usize, Range<usize>, &[Option<Targets>], &mut [&mut [f64]]) -> Result<Partial> + Sync + Send,
+        F: Fn(&mut S, usize, Range<usize>, &BlockTargets, &mut [&mut [f64]]) -> Result<Partial> + Sync + Send,
     {
         assert!((1..=BLOCK_ROWS).contains(&block_rows), "blocks of 1..={BLOCK_ROWS} rows");
         let (n_kinds, n) = (self.kinds.len(), self.n);
@@ -151,8 +182,11 @@ impl<'k> QueryPlan<'k> {
                 .zip(outs)
                 .map_init(init, |scratch, ((h, rows), mut out)| {
                     let chain = self.chains.get(self.group_of[*h]);
-                    let targets: Vec<Option<Targets>> =
-                        self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect();
+                    let targets = BlockTargets {
+                        kinds: self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect(),
+                        valid: self.mask.as_ref().map(|m| m.row(*h)),
+                        first_key: self.first_key,
+                    };
                     score(scratch, *h, rows.clone(), &targets, &mut out)
                 })
                 .collect::<Result<_>>()
@@ -284,13 +318,28 @@ pub(crate) trait QueryRows {
 }
 
 /// Scores rows `rows` (at most BLOCK_ROWS): writes per-query values into `out` (one slice per
-/// kind, when given) and returns each kind's (sum, count) over eligible rows (i >= 1 and a target
-/// j >= first_key in T(i); entropy: every row i >= 1).
+/// kind, when given) and returns each kind's (sum, count) over eligible rows: i >= 1, i a real
+/// token and a target j in T(i) with j >= first_key and j a real token (entropy: every real row
+/// i >= 1).
 pub(crate) fn score_block(
+    block: &impl QueryRows,
+    rows: Range<usize>,
+    targets: &BlockTargets,
+    out: &mut [&mut [f64]],
+) -> Result<Partial> {
+    // One monomorphised copy per case, so unpadded input pays nothing for the padding checks.
+    match &targets.valid {
+        None => score_rows(block, rows, &targets.kinds, targets.first_key, |_| true, out),
+        Some(valid) => score_rows(block, rows, &targets.kinds, targets.first_key, |j| valid[j], out),
+    }
+}
+
+fn score_rows(
     block: &impl QueryRows,
     rows: Range<usize>,
     targets: &[Option<Targets>],
     first_key: usize,
+    valid: impl Fn(usize) -> bool + Copy,
     out: &mut [&mut [f64]],
 ) -> Result<Partial> {
     let (start, len) = (rows.start, rows.len());
@@ -303,7 +352,7 @@ pub(crate) fn score_block(
         let mut out_k = out.get_mut(k).map(|o| &mut **o);
         let (mut sum, mut count) = (0.0, 0usize);
         let Some(t) = t else {
-            for i in eligible.clone() {
+            for i in eligible.clone().filter(|&i| valid(i)) {
                 let value = block.entropy(i, first_key)?;
                 sum += value;
                 count += 1;
@@ -320,18 +369,18 @@ pub(crate) fn score_block(
             rows.clone(),
             |i, j| block.prefetch(i, j),
             |i, j, w| {
-                if j >= first_key {
+                if j >= first_key && valid(j) {
                     mass[i - start] += w * block.entry(i, j);
                     hits[i - start] += 1;
                 }
             },
         );
-        (sum, count) = collect_masses(block, eligible.clone(), start, &mass, &hits, out_k);
+        (sum, count) = collect_masses(block, eligible.clone(), start, &mass, &hits, valid, out_k);
         // A non-finite entry makes its row's mass, and so the sum, non-finite: look for it
         // only then, so the loops above need no per-entry check.
         if !sum.is_finite() {
             // A row whose own mass is not finite, else the sum over rows overflowed (no columns).
-            let (i, columns) = match eligible.clone().find(|&i| !mass[i - start].is_finite()) {
+            let (i, columns) = match eligible.clone().find(|&i| valid(i) && !mass[i - start].is_finite()) {
                 Some(i) => {
                     let mut columns = Vec::new();
                     t.for_each(i, |j, _| columns.push(j));
@@ -346,8 +395,8 @@ pub(crate) fn score_block(
     Ok(partial)
 }
 
-/// Sum and count of the scaled masses of the rows with a target, written to `out` when given.
-/// A function of its own so the running sum stays in a register.
+/// Sum and count of the scaled masses of the real rows with a target, written to `out` when
+/// given. A function of its own so the running sum stays in a register.
 #[inline(never)]
 fn collect_masses(
     block: &impl QueryRows,
@@ -355,12 +404,13 @@ fn collect_masses(
     start: usize,
     mass: &[f64; BLOCK_ROWS],
     hits: &[u32; BLOCK_ROWS],
+    valid: impl Fn(usize) -> bool,
     mut out: Option<&mut [f64]>,
 ) -> (f64, usize) {
     let (mut sum, mut count) = (0.0, 0usize);
     for i in eligible {
         let r = i - start;
-        if hits[r] > 0 {
+        if hits[r] > 0 && valid(i) {
             let value = mass[r] * block.scale(i);
             sum += value;
             count += 1;
@@ -504,7 +554,15 @@ pub fn detection_scores<T: Real>(
         }
         Detection::Kind(kind) => {
             kinds = vec![kind];
-            let plan = QueryPlan::new(&kinds, tokens.as_ref(), stack.lead(), n, "the patterns")?;
+            let plan = QueryPlan::new(
+                &kinds,
+                tokens.as_ref(),
+                None,
+                stack.lead(),
+                n,
+                "the patterns",
+                ScoreOptions::default(),
+            )?;
             let group_of = plan.group_of.clone();
             (Some(kind), Some(plan), Vec::new(), group_of)
         }
@@ -632,7 +690,7 @@ mod tests {
         let a = uniform(4);
         let tokens = arr1(&[7i64, 5, 7, 5]).into_dyn();
         let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction];
-        let q = per_query_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions::default()).unwrap();
+        let q = per_query_scores(a.view(), Some(tokens.view()), None, &kinds, ScoreOptions::default()).unwrap();
         assert_eq!(q.shape(), &[3, 4]);
         let row = |k: usize| q.index_axis(ndarray::Axis(0), k).iter().copied().collect::<Vec<f64>>();
         let nan = f64::NAN;
@@ -640,7 +698,7 @@ mod tests {
         assert!(same(row(0), [nan, 0.5, 1.0 / 3.0, 0.25]));
         assert!(same(row(1), [nan, nan, 1.0 / 3.0, 0.25]));
         assert!(same(row(2), [nan, nan, 1.0 / 3.0, 0.25]));
-        let means = head_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions::default()).unwrap();
+        let means = head_scores(a.view(), Some(tokens.view()), None, &kinds, ScoreOptions::default()).unwrap();
         assert!((means[[0]] - (0.5 + 1.0 / 3.0 + 0.25) / 3.0).abs() < 1e-15);
         assert!((means[[1]] - (1.0 / 3.0 + 0.25) / 2.0).abs() < 1e-15);
     }
@@ -649,7 +707,7 @@ mod tests {
     fn exclude_bos_renormalises_rows_and_drops_key_zero() {
         let a = arr2(&[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.25, 0.25]]).into_dyn();
         let options = ScoreOptions { exclude_bos: true };
-        let s = head_scores(a.view(), None, &[Kind::PreviousToken, Kind::Bos, Kind::SelfToken], options).unwrap();
+        let s = head_scores(a.view(), None, None, &[Kind::PreviousToken, Kind::Bos, Kind::SelfToken], options).unwrap();
         // previous_token: row 1's target is key 0 (dropped); row 2: 0.25 / 0.5.
         assert_eq!(s[[0]], 0.5);
         assert!(s[[1]].is_nan());
@@ -659,16 +717,16 @@ mod tests {
     #[test]
     fn missing_tokens_and_bad_offsets_are_named_errors() {
         let a = uniform(3);
-        let err = head_scores(a.view(), None, &[Kind::Induction], ScoreOptions::default()).unwrap_err();
+        let err = head_scores(a.view(), None, None, &[Kind::Induction], ScoreOptions::default()).unwrap_err();
         assert_eq!(err.arg, "tokens");
-        let err = head_scores(a.view(), None, &[Kind::Offset(3)], ScoreOptions::default()).unwrap_err();
+        let err = head_scores(a.view(), None, None, &[Kind::Offset(3)], ScoreOptions::default()).unwrap_err();
         assert_eq!(err.arg, "offset");
         let short = arr1(&[1i64, 2]).into_dyn();
-        let err = head_scores(a.view(), Some(short.view()), &[Kind::Bos], ScoreOptions::default()).unwrap_err();
+        let err = head_scores(a.view(), Some(short.view()), None, &[Kind::Bos], ScoreOptions::default()).unwrap_err();
         assert_eq!(err.arg, "tokens");
         let mut bad = uniform(3);
         bad[[2, 1]] = f64::NAN;
-        let err = head_scores(bad.view(), None, &[Kind::PreviousToken], ScoreOptions::default()).unwrap_err();
+        let err = head_scores(bad.view(), None, None, &[Kind::PreviousToken], ScoreOptions::default()).unwrap_err();
         assert!(err.got.contains("(2, 1)"), "{err}");
     }
 
@@ -714,7 +772,8 @@ mod tests {
         let tokens = Array::from_shape_fn(n, |i| (i % 37) as i64).into_dyn();
         let kinds = [Kind::PreviousToken, Kind::Induction, Kind::Entropy];
         let run = || {
-            let s = head_scores(a.view(), Some(tokens.view()), &kinds, ScoreOptions { exclude_bos: true }).unwrap();
+            let s =
+                head_scores(a.view(), Some(tokens.view()), None, &kinds, ScoreOptions { exclude_bos: true }).unwrap();
             let d = detection_scores(
                 a.view(),
                 Detection::Kind(Kind::Induction),
@@ -735,5 +794,71 @@ mod tests {
             two.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
         assert_eq!(one.1, two.1);
+    }
+
+    #[test]
+    fn padding_is_neither_query_nor_target() {
+        // Two prompts over one uniform pattern: prompt 1 pads positions 3 and 4 on the right,
+        // prompt 0 has a padding position 1 in the middle.
+        let a = uniform(5);
+        let a = ndarray::stack(ndarray::Axis(0), &[a.view(), a.view()]).unwrap();
+        let tokens = arr1(&[4i64, 4, 4, 4, 4]).into_dyn();
+        let mask = arr2(&[[true, false, true, true, true], [true, true, true, false, false]]).into_dyn();
+        let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Bos, Kind::Entropy];
+        let q = per_query_scores(a.view(), Some(tokens.view()), Some(mask.view()), &kinds, ScoreOptions::default())
+            .unwrap();
+        let nan = f64::NAN;
+        let same = |k: usize, b: usize, want: [f64; 5]| {
+            let got = q.slice(ndarray::s![k, b, ..]).to_vec();
+            assert!(
+                got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-15 || (g.is_nan() && w.is_nan())),
+                "{k} {b}: {got:?}"
+            );
+        };
+        // previous_token: query 1 is padding; query 2's target (key 1) is padding.
+        same(0, 0, [nan, nan, nan, 0.25, 0.2]);
+        same(0, 1, [nan, 0.5, 1.0 / 3.0, nan, nan]);
+        // duplicate_token: every earlier real key.
+        same(1, 0, [nan, nan, 1.0 / 3.0, 0.5, 0.6]);
+        same(1, 1, [nan, 0.5, 2.0 / 3.0, nan, nan]);
+        same(2, 1, [nan, 0.5, 1.0 / 3.0, nan, nan]);
+        // entropy: real queries only.
+        let h = |i: usize| ((i + 1) as f64).ln();
+        same(3, 0, [nan, nan, h(2), h(3), h(4)]);
+        same(3, 1, [nan, h(1), h(2), nan, nan]);
+        let means =
+            head_scores(a.view(), Some(tokens.view()), Some(mask.view()), &kinds, ScoreOptions::default()).unwrap();
+        assert!((means[[0, 1]] - (0.5 + 1.0 / 3.0) / 2.0).abs() < 1e-15);
+        assert!((means[[3, 0]] - (h(2) + h(3) + h(4)) / 3.0).abs() < 1e-15);
+        // A [n] mask is shared by every head; NaN in padding rows is never read.
+        let mut bad = a.clone();
+        bad[[0, 1, 0]] = f64::NAN;
+        let shared = arr1(&[true, false, true, true, true]).into_dyn();
+        let s = head_scores(bad.view(), None, Some(shared.view()), &[Kind::PreviousToken], ScoreOptions::default())
+            .unwrap();
+        assert!((s[[0, 0]] - (0.25 + 0.2) / 2.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn padding_masks_are_checked() {
+        let a = ndarray::stack(ndarray::Axis(0), &[uniform(3).view(), uniform(3).view()]).unwrap();
+        let opts = ScoreOptions::default();
+        let wrong = Array::from_elem(IxDyn(&[2, 4]), true);
+        let e = head_scores(a.view(), None, Some(wrong.view()), &[Kind::Bos], opts).unwrap_err().to_string();
+        assert!(e.starts_with("attention_mask:") && e.contains("(2, 3)") && e.contains("got shape (2, 4)"), "{e}");
+        let batch = Array::from_elem(IxDyn(&[3, 3]), true);
+        assert_eq!(
+            head_scores(a.view(), None, Some(batch.view()), &[Kind::Bos], opts).unwrap_err().arg,
+            "attention_mask"
+        );
+        let mut left = Array::from_elem(IxDyn(&[2, 3]), true);
+        left[[1, 0]] = false;
+        let bos = ScoreOptions { exclude_bos: true };
+        let e = head_scores(a.view(), None, Some(left.view()), &[Kind::Bos], bos).unwrap_err().to_string();
+        assert!(e.starts_with("exclude_bos:") && e.contains("attention_mask") && e.contains("prompt 1"), "{e}");
+        // Right padding is fine with exclude_bos.
+        let mut right = Array::from_elem(IxDyn(&[2, 3]), true);
+        right[[1, 2]] = false;
+        assert!(head_scores(a.view(), None, Some(right.view()), &[Kind::Bos], bos).is_ok());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::marker::PhantomData;
 
-use ndarray::ArrayViewD;
+use ndarray::{ArrayView1, ArrayView2, ArrayViewD, Axis, Ix1, Ix2};
 
 use crate::error::{shape_str, Error, Result};
 
@@ -253,6 +253,47 @@ pub fn group_of_heads(arg: &'static str, lead: &[usize], group_shape: &[usize]) 
         })
         .collect();
     Ok(groups)
+}
+
+/// Per-position 0/1 flags `[n]` or `[g, n]` (an `attention_mask`: true = a real token, false =
+/// padding), one row per group of heads, broadcast over `[*lead]` like tokens are.
+pub struct PositionMask<'a> {
+    rows: ArrayView2<'a, bool>,
+    group_of: Vec<usize>,
+}
+
+impl<'a> PositionMask<'a> {
+    /// Checks that `mask` is `[n]` or `[g, n]` with g 1 or `lead[0]`; errors name `attention_mask`
+    /// and give the expected and the actual shape.
+    pub fn new(mask: ArrayViewD<'a, bool>, lead: &[usize], n: usize) -> Result<Self> {
+        let shape = mask.shape().to_vec();
+        let bad_shape = || {
+            let expected = match lead.first() {
+                Some(b) => format!("0/1 flags of shape ({n},) or ({b}, {n}) (batch, positions; 0 = padding)"),
+                None => format!("0/1 flags of shape ({n},) or (1, {n}) (positions; 0 = padding)"),
+            };
+            Error::invalid("attention_mask", expected, format!("shape {}", shape_str(&shape)))
+        };
+        if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
+            return Err(bad_shape());
+        }
+        let group_of = group_of_heads("attention_mask", lead, &shape[..shape.len() - 1]).map_err(|_| bad_shape())?;
+        let rows = match mask.ndim() {
+            1 => mask.into_dimensionality::<Ix1>().expect("1-d mask").insert_axis(Axis(0)),
+            _ => mask.into_dimensionality::<Ix2>().expect("2-d mask"),
+        };
+        Ok(PositionMask { rows, group_of })
+    }
+
+    /// The flags of flat head h.
+    pub fn row(&self, h: usize) -> ArrayView1<'_, bool> {
+        self.rows.row(self.group_of[h])
+    }
+
+    /// The first mask row (prompt) whose position `j` is padding.
+    pub fn first_padded_at(&self, j: usize) -> Option<usize> {
+        self.rows.outer_iter().position(|row| !row[j])
+    }
 }
 
 #[cfg(test)]

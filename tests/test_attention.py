@@ -65,7 +65,7 @@ def assert_exclude_bos_close(got, q, k, tokens, mask, options, kinds):
     head_scores of float64 patterns on rows where 1 - A[i, 0] > 1e-6, and everywhere equal to
     head_scores of patterns whose key 0 is masked out, the same row renormalised exactly.
     """
-    opts = dict(per_query=True, exclude_bos=True, **kinds)
+    opts = dict(per_query=True, exclude_bos=True, attention_mask=mask, **kinds)
     q64, k64 = q.astype(np.float64), k.astype(np.float64)
     patterns = inf.attention_patterns(q64, k64, attention_mask=mask, **options)
     well_conditioned = 1.0 - patterns[..., :, 0] > 1e-6
@@ -168,7 +168,8 @@ def test_fused_scores_equal_head_scores_of_patterns(case, per_query):
     opts = dict(kinds=kinds, offsets=offsets, per_query=per_query)
     got = inf.scores_from_qk(q, k, tokens, attention_mask=mask, **options, **opts)
     patterns = inf.attention_patterns(q, k, attention_mask=mask, **options)
-    assert_scores_close(got, inf.head_scores(patterns, tokens, **opts))
+    # Padding positions are neither queries nor targets, in both (DESIGN.md section 10).
+    assert_scores_close(got, inf.head_scores(patterns, tokens, attention_mask=mask, **opts))
     # float64 input: float64 everywhere.
     got64 = inf.scores_from_qk(q.astype(np.float64), k.astype(np.float64), tokens, attention_mask=mask, **options, **opts)
     assert_scores_close(got64, got)
@@ -179,6 +180,12 @@ def test_fused_scores_equal_head_scores_of_patterns(case, per_query):
 def test_fused_scores_with_exclude_bos(case):
     q, k, tokens, mask, kinds, offsets, options = case
     assume(q.shape[-2 if options["layout"] == "bhnd" else -3] > 1)
+    if mask is not None and not mask[:, 0].all():
+        # Left padding: position 0 is no BOS to exclude (DESIGN.md section 10).
+        with pytest.raises(ValueError, match=r"^exclude_bos: .*attention_mask.*position 0 is padding in prompt"):
+            inf.scores_from_qk(q, k, tokens, attention_mask=mask, kinds=kinds, exclude_bos=True, **options)
+        mask = mask.copy()
+        mask[:, 0] = 1
     got = inf.scores_from_qk(q, k, tokens, attention_mask=mask, kinds=kinds, offsets=offsets, per_query=True, exclude_bos=True, **options)
     assert_exclude_bos_close(got, q, k, tokens, mask, options, dict(kinds=kinds, offsets=offsets))
 
@@ -261,7 +268,9 @@ def test_padding_rows_are_zero_and_inputs_untouched():
     assert (a[1, 0, :3] == 0).all() and (a[1, 0, :, :3] == 0).all()
     np.testing.assert_allclose(a[1, 0, 3:].sum(axis=-1), 1.0, atol=1e-6)
     s = inf.scores_from_qk(q, k, kinds=("previous_token", "entropy"), attention_mask=mask, per_query=True)
-    assert (s["previous_token"][1, 0, 1:3] == 0).all() and (s["entropy"][1, 0, 1:3] == 0).all()
+    # Padding queries are not scored (DESIGN.md section 10); query 3's target, key 2, is padding.
+    assert np.isnan(s["previous_token"][1, 0, :4]).all() and np.isnan(s["entropy"][1, 0, :3]).all()
+    assert np.isfinite(s["previous_token"][1, 0, 4:]).all() and np.isfinite(s["entropy"][1, 0, 3:]).all()
     np.testing.assert_array_equal(q, q0)
     np.testing.assert_array_equal(k, k0)
 

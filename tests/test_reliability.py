@@ -576,7 +576,8 @@ def _calls(q, k, tokens, mask, logits, logit_tokens, patterns) -> list[Callable[
     return [
         lambda: inf.attention_patterns(q, k, attention_mask=mask),
         lambda: inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS, offsets=(7,), per_query=True),
-        lambda: inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS, exclude_bos=True, attention_mask=mask),
+        # right padding (reversed mask): exclude_bos refuses a padding position 0
+        lambda: inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS, exclude_bos=True, attention_mask=mask[:, ::-1]),
         lambda: inf.token_losses(logits, logit_tokens),
         lambda: inf.head_scores(patterns, tokens, kinds=ALL_KINDS, offsets=(7,)),
         lambda: inf.token_losses(logits[1, ::-1], logit_tokens[1, ::-1]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -148,3 +149,22 @@ def as_scale(scale: Any, name: str = "scale") -> Optional[float]:
     if not math.isfinite(scale):
         raise ValueError(f"{name}: expected a finite number or None, got {scale!r}")
     return float(scale)
+
+
+def as_softcap(softcap: Any, name: str = "softcap") -> Optional[float]:
+    """None or a finite real number > 0 (a logit soft cap, s -> softcap * tanh(s / softcap))."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"{name}: expected a real number > 0 or None, got {softcap!r}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{name}: expected a finite number > 0 or None, got {softcap!r}")
+    return float(softcap)
+
+
+def as_window(window: Any, name: str = "window") -> Optional[int]:
+    """None or an integer >= 1 (a sliding window); windows past the sequence mean no window, so
+    huge ones are clipped to what the kernel's index type holds."""
+    if window is None:
+        return None
+    return min(as_count(window, name, 1), sys.maxsize)

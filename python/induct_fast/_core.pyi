@@ -14,8 +14,10 @@ def head_scores(
     kinds: list[str],
     exclude_bos: bool,
     per_query: bool,
+    attention_mask: Optional[npt.NDArray[np.bool_]],
 ) -> npt.NDArray[np.float64]:
-    """[len(kinds), *lead, n] per-query scores, or [len(kinds), *lead] means."""
+    """[len(kinds), *lead, n] per-query scores, or [len(kinds), *lead] means; attention_mask
+    [n] or [lead[0], n] (False = padding: neither query nor target)."""
 
 def detection_scores(
     patterns: npt.NDArray[np.floating],
@@ -35,8 +37,12 @@ def attention_patterns(
     causal: bool,
     attention_mask: Optional[npt.NDArray[np.bool_]],
     layout: str,
+    softcap: Optional[float],
+    window: Optional[int],
 ) -> npt.NDArray[np.floating]:
-    """[*lead, n_heads, n, n] causal softmax(scale q.k) (float32 for float16/32 input)."""
+    """[*lead, n_heads, n, n] softmax of s = scale q.k (softcap * tanh(s / softcap) if given),
+    keys j <= i (causal), i - j < window (if given) and attention_mask[j] (float32 for
+    float16/32 input)."""
 
 def scores_from_qk(
     q: npt.NDArray[np.floating],
@@ -49,8 +55,11 @@ def scores_from_qk(
     layout: str,
     exclude_bos: bool,
     per_query: bool,
+    softcap: Optional[float],
+    window: Optional[int],
 ) -> npt.NDArray[np.float64]:
-    """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means."""
+    """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means;
+    padding positions (attention_mask False) are neither queries nor targets."""
 
 def token_losses(
     logits: npt.NDArray[np.floating],

@@ -10,18 +10,34 @@ Typical ``lead``: ``[batch]`` or ``[batch, layer]``.
 
 Formulas
 --------
-Logits s_ij = scale * q_i . k_j with ``scale = 1 / sqrt(d_head)`` unless given. Key j is *allowed*
-for query i when j <= i (``causal=True``) and ``attention_mask[b, j] == 1``. Then
+Logits s_ij = scale * q_i . k_j with ``scale = 1 / sqrt(d_head)`` unless given; with
+``softcap=c`` they become s_ij = c * tanh(scale * q_i . k_j / c) (Gemma-2's
+``attn_logit_softcapping``, TransformerLens's ``attn_scores_soft_cap``), before any masking. Key
+j is *allowed* for query i when j <= i (``causal=True``), i - j < ``window`` (if given: the
+sliding window of Hugging Face's ``sliding_window``; it needs ``causal=True``) and
+``attention_mask[b, j] == 1``. Then
 
     A[i, j] = exp(s_ij) / sum_{j' allowed} exp(s_ij')   for allowed j, else 0.
 
 Choices
 -------
-* Padding: ``attention_mask`` is ``[batch, n]`` (or ``[n]``) of 0/1 *key* flags, as Hugging Face
-  passes it; padding keys are never attended. A query row with no allowed key (a left-padding
-  position under the causal mask) is all zeros rather than NaN; in the scores its target masses
-  are 0 and its entropy 0. Padding queries are otherwise treated like any query, exactly as
-  ``head_scores(attention_patterns(...))`` treats them; use ``per_query=True`` to drop them.
+* Padding: ``attention_mask`` is ``[batch, n]`` (or ``[n]``) of 0/1 flags, as Hugging Face passes
+  it. In :func:`attention_patterns` padding keys are never attended, and a query row with no
+  allowed key (a left-padding position under the causal mask) is all zeros rather than NaN;
+  padding query rows are otherwise computed like any row. In :func:`scores_from_qk` (and
+  :func:`induct_fast.head_scores` given the same mask) padding positions are neither queries nor
+  targets: a padding query is not eligible (NaN per query, left out of every mean, ``entropy``
+  and ``bos`` included) and a padding key is dropped from every T(i); so
+  ``scores_from_qk(q, k, attention_mask=m) == head_scores(attention_patterns(q, k,
+  attention_mask=m), attention_mask=m)``. With ``exclude_bos=True`` position 0 must be a real
+  token (the BOS) in every prompt: pad on the right.
+* Sliding window: a target outside the window gets probability 0 but stays a target (its query
+  stays eligible), exactly as the stored pattern shows it. The fused kernel computes only the
+  key tiles that reach into a window: time O(n * (window + 128) * d_head) per head, not
+  O(n^2 d_head). ``window >= n`` is no window at all (identical results).
+* Soft cap: one scalar tanh per allowed logit (the uncapped path is unchanged); the fused
+  kernel recomputes a target's logit through the very same function, so it matches the
+  log-sum-exp to the bit.
 * Output dtype: float32 for float16 and float32 input (computed in float32, like TransformerLens
   and PyTorch), float64 for float64 input. q and k of different dtypes are promoted to a common
   one. Scores are always float64.
@@ -43,7 +59,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import as_float_array, as_key_mask, as_scale, as_tokens
+from ._arrays import as_float_array, as_key_mask, as_scale, as_softcap, as_tokens, as_window
 from .scores import DEFAULT_KINDS, KindArg, _kind_names
 
 LAYOUTS = ("bnhd", "bhnd")
@@ -59,11 +75,17 @@ def _qk(q: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:
     return q, k
 
 
-def _options(scale: Any, causal: Any, layout: Any) -> tuple[Optional[float], bool, str]:
-    scale = as_scale(scale)
+def _options(scale: Any, causal: Any, layout: Any, softcap: Any, window: Any) -> dict[str, Any]:
+    """The logit options as the extension takes them (window and causal are checked there)."""
     if not isinstance(layout, str):
         raise TypeError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    return scale, bool(causal), layout
+    return dict(
+        scale=as_scale(scale),
+        causal=bool(causal),
+        layout=layout,
+        softcap=as_softcap(softcap),
+        window=as_window(window),
+    )
 
 
 def attention_patterns(
@@ -74,8 +96,11 @@ def attention_patterns(
     causal: bool = True,
     attention_mask: Any = None,
     layout: str = "bnhd",
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> np.ndarray:
-    """Attention patterns softmax(scale * q k^T) with the causal and padding masks.
+    """Attention patterns softmax(s) of the logits s = scale * q k^T, with the causal, window and
+    padding masks and an optional logit soft cap.
 
     Parameters
     ----------
@@ -88,21 +113,30 @@ def attention_patterns(
     causal : bool
         Mask keys j > i.
     attention_mask : array_like of 0/1 or bool, shape (lead[0], n) or (n,), optional
-        1 for real keys, 0 for padding keys (never attended).
+        1 for real keys, 0 for padding keys (never attended). Padding query rows are computed
+        like any row (all zeros when no key is allowed).
     layout : {"bnhd", "bhnd"}
         Axis order of q and k.
+    softcap : float > 0, optional
+        Logit soft cap c: s_ij = c * tanh(scale * q_i . k_j / c) (Gemma-2's
+        ``attn_logit_softcapping``). Must be finite (and representable in float32 for
+        float16/32 input).
+    window : int >= 1, optional
+        Sliding window w: key j is allowed only when i - j < w (Hugging Face's
+        ``sliding_window``). Needs ``causal=True``; ``w >= n`` changes nothing.
 
     Returns
     -------
     ndarray, shape (*lead, n_heads, n, n)
         ``A[..., h, i, j] = exp(s_ij) / sum_{j' allowed} exp(s_ij')`` for allowed keys j
-        (j <= i when causal, mask 1), else 0; rows without an allowed key are all zeros.
-        float32 for float16/float32 input, float64 for float64 input.
+        (j <= i when causal, i - j < window, mask 1), else 0; rows without an allowed key are all
+        zeros. float32 for float16/float32 input, float64 for float64 input.
 
     Notes
     -----
-    Costs O(n^2 d_head) per head and allocates the n x n output; for scores alone, use
-    :func:`scores_from_qk`, which never holds it. Releases the GIL; multi-threaded.
+    Costs O(n^2 d_head) per head (O(n * window * d_head) with a window) and allocates the n x n
+    output; for scores alone, use :func:`scores_from_qk`, which never holds it. Releases the
+    GIL; multi-threaded.
 
     Examples
     --------
@@ -112,8 +146,9 @@ def attention_patterns(
     array([0.25, 0.25, 0.25, 0.25], dtype=float32)
     """
     q, k = _qk(q, k)
-    scale, causal, layout = _options(scale, causal, layout)
-    return _core.attention_patterns(q, k, scale, causal, as_key_mask(attention_mask), layout)
+    o = _options(scale, causal, layout, softcap, window)
+    mask = as_key_mask(attention_mask)
+    return _core.attention_patterns(q, k, o["scale"], o["causal"], mask, o["layout"], o["softcap"], o["window"])
 
 
 def scores_from_qk(
@@ -129,16 +164,24 @@ def scores_from_qk(
     layout: str = "bnhd",
     exclude_bos: bool = False,
     per_query: bool = False,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
     """Head scores of the attention of q and k, without forming the n x n patterns.
 
-    Equal (to ~1e-6) to ``head_scores(attention_patterns(q, k, ...), tokens, kinds=...,
-    offsets=..., exclude_bos=..., per_query=...)``.
+    Equal (to ~1e-6) to ``head_scores(attention_patterns(q, k, scale=..., causal=...,
+    attention_mask=m, layout=..., softcap=..., window=...), tokens, kinds=..., offsets=...,
+    exclude_bos=..., per_query=..., attention_mask=m)``.
 
     Parameters
     ----------
-    q, k, scale, causal, attention_mask, layout
+    q, k, scale, causal, layout, softcap, window
         As in :func:`attention_patterns`.
+    attention_mask : array_like of 0/1 or bool, shape (lead[0], n) or (n,), optional
+        0 marks padding positions, which are never attended, never queries (NaN per query,
+        left out of every mean, ``entropy`` and ``bos`` included) and never targets (dropped
+        from every T(i)). With ``exclude_bos=True``, position 0 must be 1 in every prompt
+        (pad on the right).
     tokens : array_like of int, shape (n,) or (lead[0], n), optional
         Token ids; needed by ``duplicate_token`` and ``induction``.
     kinds : str or sequence of str
@@ -148,6 +191,7 @@ def scores_from_qk(
         Extra positional kinds ``offset_<d>`` (T(i) = {i - d}), each in 1..n-1.
     exclude_bos : bool
         Leave key 0 out of every softmax (A'[i, j] = A[i, j] / (1 - A[i, 0]), j >= 1, exactly).
+        An ``attention_mask`` with padding at position 0 (left padding) is then a ValueError.
     per_query : bool
         Return per-query values, shape (*lead, n_heads, n), NaN where not eligible.
 
@@ -155,14 +199,17 @@ def scores_from_qk(
     -------
     dict of str to ndarray of float64
         One array per kind, shape ``(*lead, n_heads)`` (or ``(*lead, n_heads, n)``): the mean
-        over eligible queries (i >= 1, T(i) non-empty) of sum_{j in T(i)} A[i, j].
+        over eligible queries (i >= 1 a real token, T(i) without padding keys non-empty) of
+        sum_{j in T(i)} A[i, j]. A target outside the window counts with A[i, j] = 0.
 
     Notes
     -----
     Per query row i, tile by tile over its keys: the online log-sum-exp lse_i = log sum_j
     exp(s_ij) (and, for ``entropy``, H_i = lse_i - sum_j A[i, j] s_ij in the same pass), then
-    A[i, j] = exp(s_ij - lse_i) for the target keys only. Time O(n^2 d_head) per head like the
-    patterns, extra memory O(threads x 128 x 256) plus O(n) per head: n = 32k fits in a few MB.
+    A[i, j] = exp(s_ij - lse_i) for the target keys only (s_ij soft-capped by the same function
+    as the tile). Time O(n^2 d_head) per head like the patterns, O(n * (window + 128) * d_head)
+    with a window (key tiles wholly before every window of a block of rows are skipped); extra
+    memory O(threads x 128 x 256) plus O(n) per head: n = 32k fits in a few MB.
     Releases the GIL; results are bit-identical for any number of threads.
 
     Examples
@@ -174,17 +221,19 @@ def scores_from_qk(
     """
     names = _kind_names(kinds, offsets)
     q, k = _qk(q, k)
-    scale, causal, layout = _options(scale, causal, layout)
+    o = _options(scale, causal, layout, softcap, window)
     values = _core.scores_from_qk(
         q,
         k,
         as_tokens(tokens),
         names,
-        scale,
-        causal,
+        o["scale"],
+        o["causal"],
         as_key_mask(attention_mask),
-        layout,
+        o["layout"],
         bool(exclude_bos),
         bool(per_query),
+        o["softcap"],
+        o["window"],
     )
     return {name: values[i] for i, name in enumerate(names)}

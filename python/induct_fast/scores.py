@@ -21,6 +21,10 @@ kind                T(i)
 A head's score is the mean over eligible queries (i >= 1 and T(i) non-empty) of
 ``sum_{j in T(i)} A[i, j]``; NaN when no query is eligible. ``entropy`` is the mean over rows
 i >= 1 of ``-sum_j A[i, j] log A[i, j]``.
+
+Padding: with ``attention_mask`` (``[n]`` or ``[lead[0], n]``, 0 = padding) padding positions
+are neither queries nor targets: a padding query i is not eligible (nor counted by ``entropy``)
+and a padding key j is dropped from every T(i).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._arrays import as_count, as_float_array, as_tokens
+from ._arrays import as_count, as_float_array, as_key_mask, as_tokens
 
 DEFAULT_KINDS = ("previous_token", "duplicate_token", "induction")
 KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
@@ -68,6 +72,7 @@ def head_scores(
     offsets: Iterable[int] = (),
     exclude_bos: bool = False,
     per_query: bool = False,
+    attention_mask: Any = None,
 ) -> dict[str, np.ndarray]:
     """Scores of several kinds in one pass over the patterns.
 
@@ -88,6 +93,15 @@ def head_scores(
     per_query : bool
         Return the per-query values, shape (*lead, n), NaN where a query is not eligible,
         instead of their mean.
+    attention_mask : array_like of 0/1 or bool, shape (n,) or (lead[0], n), optional
+        0 marks padding positions (broadcast over the other leading axes like ``tokens``).
+        Padding positions are neither queries nor targets: with M the mask row,
+
+            value(i) = sum_{j in T(i), M[j] = 1} A'[i, j]   for M[i] = 1, i >= 1 and that set
+            non-empty; NaN (not eligible) otherwise, ``entropy`` included.
+
+        With ``exclude_bos=True`` position 0 must be 1 in every prompt (BOS is position 0):
+        left padding raises ValueError; pad on the right.
 
     Returns
     -------
@@ -111,7 +125,12 @@ def head_scores(
     """
     names = _kind_names(kinds, offsets)
     values = _core.head_scores(
-        as_float_array(patterns, "patterns"), as_tokens(tokens), names, bool(exclude_bos), bool(per_query)
+        as_float_array(patterns, "patterns"),
+        as_tokens(tokens),
+        names,
+        bool(exclude_bos),
+        bool(per_query),
+        as_key_mask(attention_mask),
     )
     return {name: values[i] for i, name in enumerate(names)}
 

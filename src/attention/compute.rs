@@ -40,6 +40,11 @@ pub trait Compute: Lane + Real + std::fmt::Display {
     /// a test), so a target logit equals the logit that went into the row's log-sum-exp.
     fn dot(a: ndarray::ArrayView1<'_, Self>, b: ndarray::ArrayView1<'_, Self>) -> Self;
 
+    /// The logit soft cap `cap · tanh(self / cap)` (Gemma-2's `attn_logit_softcapping`), one
+    /// scalar tanh. NaN for a non-finite logit, so an overflow in q·k stays an error rather
+    /// than saturating silently to `cap`.
+    fn soft_cap(self, cap: Self) -> Self;
+
     fn max(s: &[Self]) -> Self;
     fn exp_sum(s: &[Self], m: Self) -> f64;
     fn exp_weighted_sum(s: &[Self], m: Self) -> f64;
@@ -102,6 +107,13 @@ impl Compute for f32 {
         }
         ordered_dot(a, b, 0.0, |x, y, acc| acc + x * y)
     }
+    fn soft_cap(self, cap: f32) -> f32 {
+        if self.is_finite() {
+            cap * (self / cap).tanh()
+        } else {
+            f32::NAN
+        }
+    }
     fn max(s: &[f32]) -> f32 {
         simd::max_f32(s)
     }
@@ -150,6 +162,13 @@ impl Compute for f64 {
             return unsafe { fused_dot_f64(a, b) };
         }
         ordered_dot(a, b, 0.0, |x, y, acc| acc + x * y)
+    }
+    fn soft_cap(self, cap: f64) -> f64 {
+        if self.is_finite() {
+            cap * (self / cap).tanh()
+        } else {
+            f64::NAN
+        }
     }
     fn max(s: &[f64]) -> f64 {
         simd::max_f64(s)

@@ -6,11 +6,11 @@
 
 use std::str::FromStr;
 
-use ndarray::{ArrayView1, ArrayView2, ArrayViewD, Axis, CowArray, Dimension, Ix1, Ix2, IxDyn};
+use ndarray::{ArrayView1, ArrayView2, ArrayViewD, Axis, CowArray, Dimension, Ix2, IxDyn};
 
 use super::compute::{Compute, QkElement};
 use crate::error::{shape_str, Error, Result};
-use crate::stack::{group_of_heads, unravel, Real};
+use crate::stack::{unravel, PositionMask, Real};
 
 /// Axis order of q and k.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,12 +67,6 @@ fn read_dims(shape: &[usize], layout: Layout) -> Dims {
     Dims { n, heads, d_head: shape[r - 1] }
 }
 
-/// Padding flags of the keys, one row per group of heads.
-struct KeyMask<'a> {
-    rows: ArrayView2<'a, bool>,
-    group_of: Vec<usize>,
-}
-
 /// Validated q and k in their compute precision, with an optional key mask.
 pub struct QkHeads<'a, C: Compute> {
     q: CowArray<'a, C, IxDyn>,
@@ -81,7 +75,7 @@ pub struct QkHeads<'a, C: Compute> {
     lead: Vec<usize>,
     dims: Dims,
     n_kv_heads: usize,
-    mask: Option<KeyMask<'a>>,
+    mask: Option<PositionMask<'a>>,
 }
 
 impl<'a, C: Compute> QkHeads<'a, C> {
@@ -141,31 +135,9 @@ impl<'a, C: Compute> QkHeads<'a, C> {
         let mut heads =
             QkHeads { q: T::to_compute(q), k: T::to_compute(k), layout, lead, dims, n_kv_heads: kd.heads, mask: None };
         if let Some(m) = mask {
-            heads.mask = Some(heads.key_mask_rows(m)?);
+            heads.mask = Some(PositionMask::new(m, &heads.heads_lead(), dims.n)?);
         }
         Ok(heads)
-    }
-
-    fn key_mask_rows(&self, mask: ArrayViewD<'a, bool>) -> Result<KeyMask<'a>> {
-        let shape = mask.shape().to_vec();
-        let n = self.dims.n;
-        let bad_shape = || {
-            let expected = match self.lead.first() {
-                Some(b) => format!("0/1 key flags of shape ({n},) or ({b}, {n}) (batch, keys)"),
-                None => format!("0/1 key flags of shape ({n},) or (1, {n})"),
-            };
-            Error::invalid("attention_mask", expected, format!("shape {}", shape_str(&shape)))
-        };
-        if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
-            return Err(bad_shape());
-        }
-        let group_of =
-            group_of_heads("attention_mask", &self.heads_lead(), &shape[..shape.len() - 1]).map_err(|_| bad_shape())?;
-        let rows = match mask.ndim() {
-            1 => mask.into_dimensionality::<Ix1>().expect("1-d mask").insert_axis(Axis(0)),
-            _ => mask.into_dimensionality::<Ix2>().expect("2-d mask"),
-        };
-        Ok(KeyMask { rows, group_of })
     }
 
     /// `[*lead, n_heads]`: the leading axes of every output.
@@ -196,7 +168,7 @@ impl<'a, C: Compute> QkHeads<'a, C> {
 
     /// Which keys head h may attend to (None: all).
     pub fn key_mask(&self, h: usize) -> Option<ArrayView1<'_, bool>> {
-        self.mask.as_ref().map(|m| m.rows.row(m.group_of[h]))
+        self.mask.as_ref().map(|m| m.row(h))
     }
 
     /// `[*lead index, head]` of head h, for error messages.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
@@ -323,6 +324,11 @@ BAD = {
     "repeated_tokens: bos 1.5": row(inf.repeated_tokens, 2, 3, 10, bos=1.5, names="bos"),
     # --- scan
     "scan: int source": row(inf.scan, 42, TOKENS, names="source"),
+    "scan: layer_axis 2": row(inf.scan, PATTERNS, TOKENS, layer_axis=2, names="layer_axis"),
+    "scan: attention_mask of other prompts": row(inf.scan, PATTERNS, TOKENS, attention_mask=np.ones((B + 1, N)), names="attention_mask"),
+    "scan: model output without attentions (sdpa)": row(inf.scan, types.SimpleNamespace(attentions=()), TOKENS, names="source"),
+    "scan_model: not a model": row(inf.scan_model, object(), TOKENS, names="model"),
+    "scan_model: an array as the model": row(inf.scan_model, PATTERNS, TOKENS, names="model"),
     "scan: None source": row(inf.scan, None, TOKENS, names="source"),
     "scan: 4-d array": row(inf.scan, PATTERNS[:, 0], TOKENS, names="source"),
     "scan: 6-d array": row(inf.scan, PATTERNS[None], TOKENS, names="source"),

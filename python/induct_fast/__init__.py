@@ -33,6 +33,7 @@ from .scores import (
 from .tokens import icl_score, repeated_tokens, token_losses
 from .results import HeadScores
 from .scan import scan
+from .models import scan_model
 from ._arrays import as_count as _as_count
 from . import _core
 
@@ -67,6 +68,7 @@ __all__ = [
     "previous_token_scores",
     "repeated_tokens",
     "scan",
+    "scan_model",
     "scores_from_qk",
     "set_num_threads",
     "token_losses",

@@ -59,6 +59,11 @@ def as_float_array(x: Any, name: str, *, integers: bool = True) -> np.ndarray:
     """
     if x is None:
         raise TypeError(f"{name}: expected a real numeric array, got None")
+    if hasattr(x, "keys") and not hasattr(x, "__array__"):  # an ActivationCache, a dict, a ModelOutput
+        raise TypeError(
+            f"{name}: expected an array, got a {type(x).__name__}; use induct_fast.scan(...) to score a cache, "
+            "a model output or a file"
+        )
     if is_tensor(x):
         x = _from_torch(x, name)
     try:

@@ -8,7 +8,8 @@ array / CPU tensor ``[batch, layer, head, n, n]``  one stacked array (scored in 
 tuple/list of ``[batch, head, n, n]``              layers (Hugging Face ``output_attentions``)
 object with ``.attentions`` (a model output)       its ``attentions`` tuple
 TransformerLens ``ActivationCache`` or a dict      ``blocks.{l}.attn.hook_pattern`` per layer, else
-                                                   ``blocks.{l}.attn.hook_q`` / ``hook_k``
+                                                   ``hook_rot_q`` / ``hook_rot_k``, else ``hook_q`` /
+                                                   ``hook_k`` (refused for a rotary cache model)
 other ``cache["pattern", l]`` lookups              ``l = 0, 1, ...`` until KeyError / IndexError
 ``(q, k)`` of ``[batch, layer, n, heads, d_head]``  per-layer ``(q[:, l], k[:, l])``
 ``(qs, ks)``, two lists of ``[batch, n, heads, d]``  per-layer pairs
@@ -18,6 +19,13 @@ any other iterable                                 layers, as it yields them (ge
 
 Nothing here copies: arrays and tensors are viewed, layers are taken lazily, so a per-layer
 source never has all its layers in memory at once unless it holds them itself.
+
+Queries and keys of a cache that carries its model (TransformerLens caches do) are scored with
+that model's rules: its attention scale (``attn_scale``, per-layer with
+``scale_attn_by_inverse_layer_idx``), logit softcap and local-attention window, and the rotated
+``hook_rot_q``/``hook_rot_k`` of a rotary model; the pre-rotary ``hook_q``/``hook_k`` of a rotary
+model are refused (they are not what its attention uses). A plain dict has no model: its
+``hook_q``/``hook_k`` are taken as the attention's own q and k, scored with ``qk_options``.
 """
 
 from __future__ import annotations
@@ -35,6 +43,13 @@ from .files import PatternFile
 PATTERN_KEY = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 Q_KEY = "blocks.{}.attn.hook_q"
 K_KEY = "blocks.{}.attn.hook_k"
+ROT_Q_KEY = "blocks.{}.attn.hook_rot_q"
+ROT_K_KEY = "blocks.{}.attn.hook_rot_k"
+NO_PATTERNS = (
+    "source: the model output holds no attention patterns (its .attentions is {!r}): a model on sdpa "
+    'attention returns none. Load it with attn_implementation="eager" and pass output_attentions=True, '
+    "or score the live model without patterns: induct_fast.scan_model(model, tokens)"
+)
 
 
 @dataclass
@@ -57,6 +72,8 @@ class Layers:
     lazy : bool
         Items are functions that read their layer when called (files), so a consumer holds
         only the layer it is working on.
+    rules : list of AttentionRules or None
+        For ``qk`` items of a cache that carries its model: each layer's attention rules.
     """
 
     kind: str
@@ -65,21 +82,27 @@ class Layers:
     stacked: Any = None
     tokens: Optional[np.ndarray] = None
     lazy: bool = False
+    rules: Optional[list] = None
 
 
-def layers_of(source: Any) -> Layers:
-    """The :class:`Layers` of any supported source (see the module docstring)."""
+def layers_of(source: Any, layer_axis: int = 1) -> Layers:
+    """The :class:`Layers` of any supported source (see the module docstring); ``layer_axis`` is
+    the layer axis of a stacked array (1: ``[batch, layer, ...]``, 0: TransformerLens's
+    ``stack_activation`` order ``[layer, batch, ...]``)."""
     if isinstance(source, (str, bytes, os.PathLike)):
         source = PatternFile(os.fsdecode(source))
     if isinstance(source, PatternFile):
         return Layers("patterns", source.loaders(), len(source), tokens=source.tokens, lazy=True)
     if _is_array(source):
-        return _stacked(source)
+        return _stacked(source, layer_axis)
     if isinstance(source, (tuple, list)):
-        return _sequence(source)
-    attentions = getattr(source, "attentions", None)
-    if isinstance(attentions, (tuple, list)):  # transformers ModelOutput
-        return _sequence(attentions)
+        return _sequence(source, layer_axis)
+    if hasattr(source, "attentions"):  # a transformers ModelOutput
+        attentions = source.attentions
+        if attentions is None or (isinstance(attentions, (tuple, list)) and not attentions):
+            raise ValueError(NO_PATTERNS.format(attentions))
+        if isinstance(attentions, (tuple, list)):
+            return _sequence(attentions, layer_axis)
     if hasattr(source, "keys") and hasattr(source, "__getitem__"):
         return _keyed(source)
     if hasattr(source, "__getitem__"):
@@ -104,8 +127,17 @@ def _ndim(x: Any) -> Optional[int]:
     return ndim if isinstance(ndim, int) and _is_array(x) else None
 
 
-def _stacked(source: Any) -> Layers:
+def _layer_first(array: np.ndarray, layer_axis: int) -> np.ndarray:
+    """A view with the layer axis second (``[batch, layer, ...]``)."""
+    if layer_axis not in (0, 1):
+        raise ValueError(f"layer_axis: expected 0 ([layer, batch, ...]) or 1 ([batch, layer, ...]), got {layer_axis!r}")
+    return np.swapaxes(array, 0, 1) if layer_axis == 0 else array
+
+
+def _stacked(source: Any, layer_axis: int = 1) -> Layers:
     array = as_float_array(source, "source")
+    if array.ndim == 5:
+        array = _layer_first(array, layer_axis)
     if array.ndim != 5:
         raise ValueError(
             "source: expected an array of shape (batch, layer, head, n, n), got shape "
@@ -114,12 +146,12 @@ def _stacked(source: Any) -> Layers:
     return Layers("patterns", (), array.shape[1], stacked=array)
 
 
-def _sequence(source: Any) -> Layers:
+def _sequence(source: Any, layer_axis: int = 1) -> Layers:
     """A tuple/list: a (q, k) pair (two 5-d arrays, or two per-layer lists) or per-layer patterns."""
     if len(source) == 2:
         q, k = source
         if _ndim(q) == 5 and _ndim(k) == 5:
-            return _qk_stacked(q, k)
+            return _qk_stacked(q, k, layer_axis)
         if isinstance(q, (tuple, list)) and isinstance(k, (tuple, list)):
             if len(q) != len(k):
                 raise ValueError(f"source: expected as many q as k layers, got {len(q)} and {len(k)}")
@@ -127,9 +159,9 @@ def _sequence(source: Any) -> Layers:
     return Layers("patterns", iter(source), len(source))
 
 
-def _qk_stacked(q: Any, k: Any) -> Layers:
-    q = as_float_array(q, "q")
-    k = as_float_array(k, "k")
+def _qk_stacked(q: Any, k: Any, layer_axis: int = 1) -> Layers:
+    q = _layer_first(as_float_array(q, "q"), layer_axis)
+    k = _layer_first(as_float_array(k, "k"), layer_axis)
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"k: expected the batch and layer axes of q, shape ({q.shape[0]}, {q.shape[1]}, n, heads, d_head), got shape {k.shape}"
@@ -146,16 +178,38 @@ def _keyed(cache: Any) -> Layers:
         _check_contiguous(layers, "blocks.{}.attn.hook_pattern")
         return Layers("patterns", (cache[f"blocks.{layer}.attn.hook_pattern"] for layer in layers), len(layers))
     key_set = set(keys)
-    n_qk = 0
-    while Q_KEY.format(n_qk) in key_set and K_KEY.format(n_qk) in key_set:
-        n_qk += 1
-    if n_qk:
-        return Layers("qk", ((cache[Q_KEY.format(layer)], cache[K_KEY.format(layer)]) for layer in range(n_qk)), n_qk)
-    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-    raise ValueError(
-        "source: expected a cache with attention patterns (keys 'blocks.{l}.attn.hook_pattern') or "
-        f"queries and keys ('blocks.{{l}}.attn.hook_q' / 'hook_k'), got keys [{shown}]"
-    )
+    rotated = _count_layers(key_set, ROT_Q_KEY, ROT_K_KEY)
+    plain = _count_layers(key_set, Q_KEY, K_KEY)
+    if not (rotated or plain):
+        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        raise ValueError(
+            "source: expected a cache with attention patterns (keys 'blocks.{l}.attn.hook_pattern') or "
+            f"queries and keys ('blocks.{{l}}.attn.hook_rot_q' / 'hook_rot_k', or 'hook_q' / 'hook_k'), got keys [{shown}]"
+        )
+    q_key, k_key, n_qk = (ROT_Q_KEY, ROT_K_KEY, rotated) if rotated else (Q_KEY, K_KEY, plain)
+    rules = None
+    model = getattr(cache, "model", None)
+    if model is not None:
+        from .models import cache_rules
+
+        rules, rotary_hooks = cache_rules(model, n_qk)
+        if rotary_hooks is not None and not rotated:
+            raise ValueError(
+                f"source: the cache's model ({type(model).__name__}) is rotary, and its attention uses the rotated "
+                f"queries and keys {rotary_hooks[0].format('{l}')!r} / {rotary_hooks[1].format('{l}')!r}; the cache "
+                "holds only the pre-rotary 'hook_q' / 'hook_k'. Cache the rot hooks "
+                "(names_filter=lambda name: 'hook_rot' in name) or use induct_fast.scan_model(model, tokens)"
+            )
+    items = ((cache[q_key.format(layer)], cache[k_key.format(layer)]) for layer in range(n_qk))
+    return Layers("qk", items, n_qk, rules=rules)
+
+
+def _count_layers(keys: set, q_key: str, k_key: str) -> int:
+    """How many layers 0, 1, ... have both keys."""
+    n = 0
+    while q_key.format(n) in keys and k_key.format(n) in keys:
+        n += 1
+    return n
 
 
 def _check_contiguous(layers: list[int], pattern: str) -> None:

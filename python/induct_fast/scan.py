@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from ._arrays import as_float_array, as_tokens
+from ._arrays import as_float_array, as_key_mask, as_tokens
 from .adapters import Layers, layers_of
 from .results import HeadScores
 from .scores import DEFAULT_KINDS, KindArg, _kind_names, head_scores
@@ -21,6 +21,8 @@ def scan(
     kinds: KindArg = DEFAULT_KINDS,
     offsets: Iterable[int] = (),
     exclude_bos: bool = False,
+    attention_mask: Any = None,
+    layer_axis: int = 1,
     progress: bool = False,
     qk_options: Optional[Mapping[str, Any]] = None,
 ) -> HeadScores:
@@ -36,7 +38,9 @@ def scan(
           ``output_attentions``; a model output with ``.attentions`` works too) or any iterable of
           them (a generator reading layers from disk);
         - a TransformerLens ``ActivationCache`` (or a dict) with ``blocks.{l}.attn.hook_pattern``,
-          or with ``hook_q``/``hook_k`` only; any object answering ``cache["pattern", l]``;
+          or with ``hook_rot_q``/``hook_rot_k`` (rotary models) or ``hook_q``/``hook_k`` only, scored
+          with the cache model's attention scale, softcap and window; any object answering
+          ``cache["pattern", l]``;
         - a ``(q, k)`` pair, each ``[batch, layer, n, heads, d_head]`` (or two per-layer lists of
           ``[batch, n, heads, d_head]``), scored by :func:`induct_fast.scores_from_qk` without
           ever forming an n x n matrix;
@@ -46,10 +50,17 @@ def scan(
         entry of a file source.
     kinds, offsets, exclude_bos
         As in :func:`induct_fast.head_scores`.
+    attention_mask : array_like of 0/1, shape (batch, n), optional
+        1 for real tokens, 0 for padding: padding positions are neither queries nor targets (and,
+        for q/k sources, never attended).
+    layer_axis : {1, 0}
+        Where a stacked array keeps its layers: 1 for ``[batch, layer, head, n, n]``, 0 for
+        TransformerLens's ``cache.stack_activation("pattern")`` order ``[layer, batch, head, n, n]``.
     progress : bool
         Show a progress bar over layers on stderr (tqdm if installed, else a counter).
     qk_options : mapping, optional
-        Extra keyword arguments for ``scores_from_qk`` (``scale``, ``layout``, ...).
+        Extra keyword arguments for ``scores_from_qk`` (``scale``, ``softcap``, ``window``,
+        ``layout``, ...); they override the rules read from a cache's model.
 
     Returns
     -------
@@ -64,20 +75,22 @@ def scan(
     holds one layer plus the ``[batch, layer, head]`` results. Layers must agree in shape.
     """
     names = _kind_names(kinds, offsets)
-    layers = layers_of(source)
+    layers = layers_of(source, layer_axis)
     if tokens is None:
         tokens = layers.tokens
     tokens = as_tokens(tokens)
+    mask = as_key_mask(attention_mask)
     if layers.stacked is not None:
         stacked = layers.stacked
         _check_tokens(tokens, stacked.shape[0], stacked.shape[-1])
-        return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos))
+        return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos, attention_mask=mask))
     if layers.kind == "qk":
         if qk_options is not None and not isinstance(qk_options, Mapping):
             raise TypeError(f"qk_options: expected a mapping of scores_from_qk keyword arguments, got {qk_options!r}")
-        score = _qk_scorer(tokens, kinds, offsets, exclude_bos, names, dict(qk_options or {}))
+        options = {"exclude_bos": exclude_bos, "attention_mask": mask, **dict(qk_options or {})}
+        score = _qk_scorer(tokens, names, options, layers.rules)
     else:
-        score = _pattern_scorer(tokens, names, exclude_bos)
+        score = _pattern_scorer(tokens, names, exclude_bos, mask)
     return HeadScores(_stack_layers(_score_layers(layers, score, progress), names))
 
 
@@ -100,7 +113,9 @@ def _stack_layers(per_layer: Iterable[dict], names: list[str]) -> dict[str, np.n
     return {name: np.stack(values, axis=1) for name, values in collected.items()}
 
 
-def _pattern_scorer(tokens: Optional[np.ndarray], names: list[str], exclude_bos: bool) -> Callable[[int, Any], dict]:
+def _pattern_scorer(
+    tokens: Optional[np.ndarray], names: list[str], exclude_bos: bool, mask: Optional[np.ndarray]
+) -> Callable[[int, Any], dict]:
     """Scores one layer of patterns [batch, head, n, n] ([head, n, n]: a batch of one), after
     checking it has the first layer's shape."""
     first: list[tuple] = []
@@ -116,22 +131,22 @@ def _pattern_scorer(tokens: Optional[np.ndarray], names: list[str], exclude_bos:
             _check_tokens(tokens, array.shape[0], array.shape[-1])
         elif array.shape != first[0]:
             raise ValueError(f"layer {index}: expected shape {first[0]} like layer 0, got shape {array.shape}")
-        return head_scores(array, tokens, kinds=names, exclude_bos=exclude_bos)
+        return head_scores(array, tokens, kinds=names, exclude_bos=exclude_bos, attention_mask=mask)
 
     return score
 
 
 def _qk_scorer(
-    tokens: Optional[np.ndarray], kinds: Any, offsets: Iterable[int], exclude_bos: bool, names: list[str], options: dict
+    tokens: Optional[np.ndarray], names: list[str], options: dict, rules: Optional[list]
 ) -> Callable[[int, Any], dict]:
-    """Scores one layer's (q, k) through induct_fast.scores_from_qk."""
+    """Scores one layer's (q, k) through induct_fast.scores_from_qk, with that layer's rules (a
+    cache model's) under the caller's options."""
     from .attention import scores_from_qk
-
-    offsets = tuple(offsets)
 
     def score(index: int, pair: Any) -> dict:
         q, k = pair
-        result = scores_from_qk(q, k, tokens, kinds=kinds, offsets=offsets, exclude_bos=exclude_bos, **options)
+        layer_options = {**(rules[index].options() if rules is not None else {}), **options}
+        result = scores_from_qk(q, k, tokens, kinds=names, **layer_options)
         for name in names:
             if np.ndim(result[name]) != 2:
                 raise ValueError(

@@ -1,0 +1,101 @@
+"""TransformerLens ``HookedTransformer`` (3.x): q and k from its hook points.
+
+Where they live: ``blocks.{l}.attn.hook_rot_q`` / ``hook_rot_k`` for rotary models (after the
+rotation, and after any q/k norm), else ``blocks.{l}.attn.hook_q`` / ``hook_k``, each
+``[batch, n, heads, d_head]`` (keys ``[batch, n, n_key_value_heads, d_head]`` for grouped-query
+attention). Rules (``AbstractAttention.calculate_attention_scores`` and ``apply_causal_mask``):
+logits ``q.k / attn_scale`` (``attn_scale`` is ``cfg.attn_scale``, 1 without ``use_attn_scale``,
+times ``l + 1`` with ``scale_attn_by_inverse_layer_idx``), then ``attn_scores_soft_cap``, the
+causal mask (unless ``attention_dir`` is bidirectional), ``window_size`` on "local" layers and
+the padding mask.
+
+Refused by name: ALiBi and relative position biases, ``use_logn_attn``, attention sinks, and q/k
+norms or clipping on a model without rotary embeddings (they are applied after ``hook_q``).
+The same rules serve :func:`induct_fast.scan` on a cache that carries its model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ._scoring import AttentionRules, LayerScorer, StopForward, is_transformer_lens
+
+QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def is_hooked_transformer(model: Any) -> bool:
+    return is_transformer_lens(model, "HookedTransformer")
+
+
+def n_layers(model: Any) -> int:
+    return int(model.cfg.n_layers)
+
+
+def is_rotary(cfg: Any) -> bool:
+    return getattr(cfg, "positional_embedding_type", None) == "rotary"
+
+
+def qk_hooks(cfg: Any, layer: int) -> tuple[str, str]:
+    """Hook names of the queries and keys the attention of ``layer`` uses."""
+    suffix = "rot_" if is_rotary(cfg) else ""
+    return f"blocks.{layer}.attn.hook_{suffix}q", f"blocks.{layer}.attn.hook_{suffix}k"
+
+
+def layer_rules(model: Any, layer: int) -> AttentionRules:
+    """The rules of layer ``layer``'s attention; NotImplementedError for what the kernel lacks."""
+    cfg = model.cfg
+    position = getattr(cfg, "positional_embedding_type", "standard")
+    if position in ("alibi", "relative_positional_bias"):
+        raise NotImplementedError(f"model: positional_embedding_type {position!r} (a bias added to the logits) is not supported")
+    for flag in ("use_logn_attn", "use_attention_sinks"):
+        if getattr(cfg, flag, False):
+            raise NotImplementedError(f"model: cfg.{flag} is not supported")
+    if not is_rotary(cfg):
+        arch = getattr(cfg, "original_architecture", None)
+        if getattr(cfg, "use_qk_norm", False) or arch in QK_NORM_ARCHITECTURES or getattr(cfg, "clip_qkv", None) is not None:
+            raise NotImplementedError(
+                "model: q/k norms or clip_qkv without rotary embeddings are applied after hook_q/hook_k; not supported"
+            )
+    attn = model.blocks[layer].attn
+    direction = getattr(attn, "_attention_dir_override", None) or getattr(cfg, "attention_dir", "causal")
+    softcap = getattr(cfg, "attn_scores_soft_cap", None)
+    window = cfg.window_size if getattr(attn, "attn_type", "global") == "local" else None
+    return AttentionRules(
+        scale=1.0 / float(attn.attn_scale),
+        softcap=float(softcap) if softcap is not None and softcap > 0 else None,
+        window=None if window is None else int(window),
+        causal=direction == "causal",
+    )
+
+
+def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, padding: Optional[np.ndarray]) -> None:
+    """One forward pass with hooks on every layer's q and k; hooks are removed afterwards (by
+    ``run_with_hooks``), also on error."""
+    hooks = []
+    for layer in range(n_layers(model)):
+        rules = layer_rules(model, layer)
+        q_name, k_name = qk_hooks(model.cfg, layer)
+        hooks.extend(pair_hooks(q_name, k_name, lambda q, k, layer=layer, rules=rules: scorer.score(layer, q, k, rules, "bnhd")))
+    try:
+        model.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=hooks, return_type=None)
+    except StopForward:
+        pass
+    scorer.check_complete(model, "its hook points " + ", ".join(qk_hooks(model.cfg, 0)).replace("0", "{l}"))
+
+
+def pair_hooks(q_name: str, k_name: str, score: Callable[[Any, Any], None]) -> list:
+    """Hooks that hold a layer's q until its k arrives (either order), then call score(q, k)."""
+    held: dict[str, Any] = {}
+
+    def keep(role: str):
+        def hook(tensor: Any, hook: Any) -> None:
+            held[role] = tensor
+            if len(held) == 2:
+                q, k = held.pop("q"), held.pop("k")
+                score(q, k)
+
+        return hook
+
+    return [(q_name, keep("q")), (k_name, keep("k"))]

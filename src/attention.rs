@@ -104,7 +104,11 @@ impl<C: Compute> Logits<C> {
             Some(cap) => {
                 let narrowed = C::from_f64(cap);
                 if !(Compute::is_finite(narrowed) && narrowed.widen() > 0.0) {
-                    return Err(Error::invalid("softcap", "a finite number > 0 (None for no soft cap)", cap));
+                    return Err(Error::invalid(
+                        "softcap",
+                        "a finite number > 0 (None for no soft cap)",
+                        format!("{cap:?}"),
+                    ));
                 }
                 Some(narrowed)
             }

@@ -152,9 +152,10 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
         if let Some(b) = mask.as_ref().filter(|_| options.exclude_bos && n > 0).and_then(|m| m.first_padded_at(0)) {
             return Err(Error::invalid(
                 "exclude_bos",
-                "attention_mask[b, 0] == 1 in every prompt b, since exclude_bos drops position 0 as the BOS \
-                 (pad on the right instead)",
-                format!("an attention_mask whose position 0 is padding in prompt {b}"),
+                "attention_mask[b, 0] == 1 in every prompt b (exclude_bos drops position 0, the BOS)",
+                format!(
+                    "an attention_mask whose position 0 is padding in prompt {b} (left padding: pad on the right instead)"
+                ),
             ));
         }
         let first_key = usize::from(options.exclude_bos);

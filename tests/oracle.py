@@ -1,8 +1,9 @@
-"""A slow, obvious numpy oracle for the scores of DESIGN.md section 4.
+"""A slow, obvious numpy oracle for the scores of DESIGN.md section 4 and the attention of
+section 5 (with the soft cap, sliding window and padding of section 10).
 
 Written from the DESIGN.md table and the fixture README's description of TransformerLens, not
 from the Rust code: dense 0/1 target masks D[i, j], explicit loops over the leading indices,
-float64 everywhere. Nothing here is clever on purpose.
+heads and query rows, float64 everywhere. Nothing here is clever on purpose.
 """
 
 from __future__ import annotations
@@ -74,14 +75,21 @@ def renormalise_without_bos(A: np.ndarray) -> np.ndarray:
     return out
 
 
-def per_query_one_head(A: np.ndarray, kind: str, tokens_row=None, exclude_bos: bool = False) -> np.ndarray:
-    """Per-query values [n] of one head [n, n]: NaN where not eligible."""
+def per_query_one_head(A: np.ndarray, kind: str, tokens_row=None, exclude_bos: bool = False, valid=None) -> np.ndarray:
+    """Per-query values [n] of one head [n, n]: NaN where not eligible.
+
+    ``valid`` ([n] bool, None = all real) marks real tokens; a padding position is no query (NaN,
+    entropy included) and no target (its column leaves every T(i)).
+    """
     A = np.asarray(A, dtype=np.float64)
     n = A.shape[-1]
+    real = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     out = np.full(n, np.nan)
     Ap = renormalise_without_bos(A) if exclude_bos else A
     if kind == "entropy":
         for i in range(1, n):
+            if not real[i]:
+                continue
             p = Ap[i, 1:] if exclude_bos else Ap[i]
             p = p[p > 0]  # 0 log 0 = 0
             out[i] = -np.sum(p * np.log(p))
@@ -89,8 +97,9 @@ def per_query_one_head(A: np.ndarray, kind: str, tokens_row=None, exclude_bos: b
     D = target_mask(kind, n, tokens_row)
     if exclude_bos:
         D[:, 0] = False
+    D[:, ~real] = False
     for i in range(1, n):
-        if D[i].any():
+        if real[i] and D[i].any():
             out[i] = np.sum(Ap[i][D[i]])
     return out
 
@@ -108,8 +117,18 @@ def kind_names(kinds, offsets=()) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _mask_row(mask, index: tuple):
+    """The 0/1 row of leading index `index` of a mask [n], [1, n] or [lead[0], n], as bool (None: none)."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim == 1:
+        return mask != 0
+    return mask[index[0] if mask.shape[0] > 1 else 0] != 0
+
+
 def head_scores(patterns, tokens=None, kinds=("previous_token", "duplicate_token", "induction"), offsets=(),
-                exclude_bos=False, per_query=False) -> dict[str, np.ndarray]:
+                exclude_bos=False, per_query=False, attention_mask=None) -> dict[str, np.ndarray]:
     """Oracle for ``induct_fast.head_scores``: {kind: [*lead] or [*lead, n]} float64."""
     P = np.array(patterns, dtype=np.float64)
     lead, n = P.shape[:-2], P.shape[-1]
@@ -118,10 +137,70 @@ def head_scores(patterns, tokens=None, kinds=("previous_token", "duplicate_token
         out = np.full(lead + ((n,) if per_query else ()), np.nan)
         for index in np.ndindex(*lead):
             row = _token_row(tokens, index) if kind in TOKEN_KINDS else None
-            values = per_query_one_head(P[index], kind, row, exclude_bos)
+            values = per_query_one_head(P[index], kind, row, exclude_bos, _mask_row(attention_mask, index))
             out[index] = values if per_query else mean_eligible(values)
         result[kind] = out
     return result
+
+
+def allowed_keys(n: int, causal=True, window=None, real=None) -> np.ndarray:
+    """M[i, j] = True iff query i may attend to key j: j <= i (causal), i - j < window (if given)
+    and key j a real token."""
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    M = np.ones((n, n), dtype=bool)
+    if causal:
+        M &= j <= i
+    if window is not None:
+        M &= i - j < window
+    if real is not None:
+        M &= np.asarray(real, bool)[None, :]
+    return M
+
+
+def attention_patterns(q, k, *, scale=None, causal=True, attention_mask=None, layout="bnhd", softcap=None,
+                       window=None) -> np.ndarray:
+    """Oracle for ``induct_fast.attention_patterns``: [*lead, heads, n, n] float64.
+
+    s = scale * q_i . k_j, then softcap * tanh(s / softcap); each row a softmax over its allowed
+    keys (``allowed_keys``), 0 elsewhere, all zeros when none is allowed. Query head h reads kv
+    head h // (heads / kv_heads).
+    """
+    Q, K = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    if layout == "bnhd":  # -> [*lead, heads, n, d]
+        Q, K = np.swapaxes(Q, -3, -2), np.swapaxes(K, -3, -2)
+    lead, heads, n, d = Q.shape[:-3], Q.shape[-3], Q.shape[-2], Q.shape[-1]
+    group = heads // K.shape[-3] if K.shape[-3] else 1
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros(lead + (heads, n, n))
+    for index in np.ndindex(*lead):
+        allowed = allowed_keys(n, causal, window, _mask_row(attention_mask, index))
+        for h in range(heads):
+            s = scale * (Q[index][h] @ K[index][h // group].T)
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
+            for i in range(n):
+                keys = np.flatnonzero(allowed[i])
+                if keys.size:
+                    e = np.exp(s[i, keys] - s[i, keys].max())
+                    out[index + (h, i)][keys] = e / e.sum()
+    return out
+
+
+def scores_from_qk(q, k, tokens=None, *, kinds=("previous_token", "duplicate_token", "induction"), offsets=(),
+                   scale=None, causal=True, attention_mask=None, layout="bnhd", exclude_bos=False, per_query=False,
+                   softcap=None, window=None) -> dict[str, np.ndarray]:
+    """Oracle for ``induct_fast.scores_from_qk``: the scores of the oracle patterns under the same
+    mask (padding is neither query nor target). ``exclude_bos`` in its exact form: key 0 is left
+    out of every softmax (so no 1 - A[i, 0] is ever divided by)."""
+    n = np.shape(q)[-3 if layout == "bnhd" else -2]
+    keys = None if attention_mask is None else (np.asarray(attention_mask) != 0)
+    if exclude_bos:
+        keys = np.ones(n, bool) if keys is None else keys.copy()
+        keys[..., :1] = False
+    P = attention_patterns(q, k, scale=scale, causal=causal, attention_mask=keys, layout=layout, softcap=softcap,
+                           window=window)
+    return head_scores(P, tokens, kinds, offsets, exclude_bos=exclude_bos, per_query=per_query,
+                       attention_mask=attention_mask)
 
 
 def detection_one_head(A: np.ndarray, D: np.ndarray, measure: str = "mul", exclude_bos: bool = False,

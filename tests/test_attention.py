@@ -1,5 +1,6 @@
 """attention_patterns and scores_from_qk: fixture parity, a plain-numpy oracle, hypothesis
-properties (fused scores == head_scores of the patterns), memory of the fused kernel, errors."""
+properties (fused scores == head_scores of the patterns), the soft cap, sliding window and
+padding options, memory of the fused kernel, errors."""
 
 from __future__ import annotations
 
@@ -14,35 +15,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import induct_fast as inf
+import oracle
 
 ALL_KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
 
 
-# --- the obvious numpy implementation ------------------------------------------------------------
+# --- the obvious numpy implementation (tests/oracle.py) -------------------------------------------
 
-
-def oracle_patterns(q, k, *, scale=None, causal=True, attention_mask=None, layout="bnhd"):
-    """softmax(scale q k^T) in float64 with numpy's matmul, masks as documented."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64)
-    if layout == "bnhd":  # -> [*lead, heads, n, d]
-        q, k = np.swapaxes(q, -3, -2), np.swapaxes(k, -3, -2)
-    k = np.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    s = scale * (q @ np.swapaxes(k, -1, -2))
-    n = s.shape[-1]
-    allowed = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
-    allowed = np.broadcast_to(allowed, s.shape)
-    if attention_mask is not None:
-        m = np.asarray(attention_mask).astype(bool)
-        if m.ndim == 2:  # [batch, n]: batch is the first leading axis
-            m = m.reshape((m.shape[0],) + (1,) * (s.ndim - 2) + (n,))
-        allowed = allowed & m
-    s = np.where(allowed, s, -np.inf)
-    top = s.max(axis=-1, keepdims=True)
-    e = np.where(allowed, np.exp(s - np.where(np.isfinite(top), top, 0.0)), 0.0)
-    z = e.sum(axis=-1, keepdims=True)
-    return np.where(z > 0, e / np.where(z > 0, z, 1.0), 0.0)
+oracle_patterns = oracle.attention_patterns
 
 
 def assert_scores_close(got, want, tol=1e-5, where=None):
@@ -70,11 +50,9 @@ def assert_exclude_bos_close(got, q, k, tokens, mask, options, kinds):
     patterns = inf.attention_patterns(q64, k64, attention_mask=mask, **options)
     well_conditioned = 1.0 - patterns[..., :, 0] > 1e-6
     assert_scores_close(got, inf.head_scores(patterns, tokens, **opts), where=well_conditioned)
-    n = patterns.shape[-1]
-    batch = q.shape[0] if q.ndim > 3 else 1
-    no_bos = np.ones((batch, n), np.int64) if mask is None else mask.copy()
-    no_bos[:, 0] = 0
-    exact = inf.attention_patterns(q64, k64, attention_mask=no_bos if q.ndim > 3 else no_bos[0], **options)
+    no_bos = np.ones(patterns.shape[-1], np.int64) if mask is None else np.array(mask, copy=True)
+    no_bos[..., 0] = 0
+    exact = inf.attention_patterns(q64, k64, attention_mask=no_bos, **options)
     assert_scores_close(got, inf.head_scores(exact, tokens, **opts))
 
 
@@ -114,16 +92,20 @@ def test_patterns_match_numpy_oracle_on_fixture(fixture):
 
 
 @st.composite
-def attention_cases(draw):
+def attention_cases(draw, max_n=300, extended=False):
     """q, k with small-integer entries times a power of two, so that logits are exact in float32
-    and float64 alike (only the softmax differs between precisions), plus every option."""
+    and float64 alike (only the softmax differs between precisions), plus every option.
+
+    ``extended`` adds the options of DESIGN.md section 10: a soft cap, a sliding window (1, 2,
+    n, past n, any), padding on the left, on the right or anywhere ([batch, n] or a shared [n],
+    whole prompts of padding included) and up to 3 kv heads each serving up to 3 heads."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    lead = draw(st.sampled_from([(), (2,), (1,), (2, 2)]))
-    n = draw(st.one_of(st.integers(1, 12), st.integers(13, 300)))
-    n_kv = draw(st.sampled_from([1, 2]))
-    heads = n_kv * draw(st.sampled_from([1, 2]))
-    d = draw(st.sampled_from([1, 4, 16, 64]))
+    lead = draw(st.sampled_from([(), (2,), (1,), (2, 2)] + ([(3,)] if extended else [])))
+    n = draw(st.one_of(st.integers(1, 12), st.integers(13, max_n)))
+    n_kv = draw(st.sampled_from([1, 2, 3] if extended else [1, 2]))
+    heads = n_kv * draw(st.sampled_from([1, 2, 3] if extended else [1, 2]))
+    d = draw(st.sampled_from([1, 4, 16, 32] if extended else [1, 4, 16, 64]))
     amplitude = draw(st.sampled_from([0.25, 1.0, 2.0, 4.0]))
     layout = draw(st.sampled_from(["bnhd", "bhnd"]))
 
@@ -132,37 +114,66 @@ def attention_cases(draw):
         return (rng.integers(-3, 4, size=shape) * amplitude).astype(np.float32)
 
     q, k = qk_array(heads), qk_array(n_kv)
-    mask = None
-    if lead and draw(st.booleans()):
+    mask, options = None, {}
+    if extended:
+        window = draw(st.one_of(st.none(), st.just(1), st.just(2), st.integers(1, n + 3), st.just(n)))
+        options = dict(window=window, softcap=draw(st.sampled_from([None, 0.5, 3.0, 20.0, 50.0])))
+        style = draw(st.sampled_from(["none", "right", "left", "holes"]))
+        if style != "none":
+            shared = not lead or draw(st.booleans())
+            mask = padding_mask(draw, rng, (n,) if shared else (lead[0], n), style)
+    elif lead and draw(st.booleans()):
         mask = (rng.random((lead[0], n)) > draw(st.sampled_from([0.0, 0.2, 0.6]))).astype(np.int64)
         mask[:, : draw(st.integers(0, min(n, 3)))] = 0  # left padding
     vocab = draw(st.sampled_from([2, 5, 50]))
     tokens = rng.integers(0, vocab, size=(lead[0], n) if lead and draw(st.booleans()) else (n,))
     kinds = draw(st.lists(st.sampled_from(ALL_KINDS), min_size=1, max_size=4, unique=True))
     offsets = draw(st.lists(st.integers(1, n - 1), max_size=2, unique=True)) if n > 1 else []
-    options = dict(
+    options.update(
         scale=draw(st.sampled_from([None, 1.0, 0.5])),
-        causal=draw(st.booleans()),
+        causal=True if options.get("window") is not None else draw(st.booleans()),
         layout=layout,
     )
     return q, k, tokens, mask, kinds, offsets, options
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(attention_cases())
+def padding_mask(draw, rng, shape, style):
+    """0/1 flags of `shape` ([n] or [batch, n]): right or left padding of random lengths (whole
+    prompts of padding included), or random holes."""
+    n = shape[-1]
+    mask = np.ones(shape, np.int64).reshape(-1, n)
+    for row in mask:
+        pad = draw(st.integers(0, n))
+        if style == "right":
+            row[n - pad :] = 0
+        elif style == "left":
+            row[:pad] = 0
+        else:
+            row[rng.random(n) < draw(st.sampled_from([0.1, 0.4, 0.8]))] = 0
+    mask = mask.reshape(shape)
+    return mask.astype(bool) if draw(st.booleans()) else mask
+
+
+# Both the options of section 5 alone and with those of section 10.
+any_attention_cases = st.booleans().flatmap(lambda extended: attention_cases(extended=extended))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_attention_cases)
 def test_patterns_equal_numpy_oracle(case):
     q, k, _, mask, _, _, options = case
     want = oracle_patterns(q, k, attention_mask=mask, **options)
     got = inf.attention_patterns(q, k, attention_mask=mask, **options)
     assert got.dtype == np.float32 and got.shape == want.shape
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # float32 tanh and division: a capped logit is off by a few ulp of the cap
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 if options.get("softcap") is None else 5e-6)
     got64 = inf.attention_patterns(q.astype(np.float64), k.astype(np.float64), attention_mask=mask, **options)
     assert got64.dtype == np.float64
     np.testing.assert_allclose(got64, want, rtol=0, atol=1e-12)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(attention_cases(), st.booleans())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_attention_cases, st.booleans())
 def test_fused_scores_equal_head_scores_of_patterns(case, per_query):
     q, k, tokens, mask, kinds, offsets, options = case
     opts = dict(kinds=kinds, offsets=offsets, per_query=per_query)
@@ -175,19 +186,37 @@ def test_fused_scores_equal_head_scores_of_patterns(case, per_query):
     assert_scores_close(got64, got)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(attention_cases())
+def _exclude_bos_needs_a_real_position_0(q, k, tokens, mask, options):
+    """Left padding with exclude_bos is refused (position 0 is no BOS then, DESIGN.md section
+    10); returns the mask with position 0 made real."""
+    if mask is None or np.asarray(mask)[..., 0].all():
+        return mask
+    with pytest.raises(ValueError, match=r"^exclude_bos: .*attention_mask.*position 0 is padding in prompt \d"):
+        inf.scores_from_qk(q, k, tokens, attention_mask=mask, exclude_bos=True, **options)
+    mask = np.array(mask, copy=True)
+    mask[..., 0] = 1
+    return mask
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_attention_cases)
 def test_fused_scores_with_exclude_bos(case):
     q, k, tokens, mask, kinds, offsets, options = case
     assume(q.shape[-2 if options["layout"] == "bhnd" else -3] > 1)
-    if mask is not None and not mask[:, 0].all():
-        # Left padding: position 0 is no BOS to exclude (DESIGN.md section 10).
-        with pytest.raises(ValueError, match=r"^exclude_bos: .*attention_mask.*position 0 is padding in prompt"):
-            inf.scores_from_qk(q, k, tokens, attention_mask=mask, kinds=kinds, exclude_bos=True, **options)
-        mask = mask.copy()
-        mask[:, 0] = 1
+    mask = _exclude_bos_needs_a_real_position_0(q, k, tokens, mask, options)
     got = inf.scores_from_qk(q, k, tokens, attention_mask=mask, kinds=kinds, offsets=offsets, per_query=True, exclude_bos=True, **options)
     assert_exclude_bos_close(got, q, k, tokens, mask, options, dict(kinds=kinds, offsets=offsets))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attention_cases(max_n=40, extended=True), st.booleans(), st.booleans())
+def test_fused_scores_with_softcap_window_and_padding_equal_oracle(case, per_query, exclude_bos):
+    q, k, tokens, mask, kinds, offsets, options = case
+    if exclude_bos:
+        mask = _exclude_bos_needs_a_real_position_0(q, k, tokens, mask, options)
+    opts = dict(kinds=kinds, offsets=offsets, per_query=per_query, exclude_bos=exclude_bos)
+    got = inf.scores_from_qk(q, k, tokens, attention_mask=mask, **options, **opts)
+    assert_scores_close(got, oracle.scores_from_qk(q, k, tokens, attention_mask=mask, **options, **opts))
 
 
 # --- specific behaviour --------------------------------------------------------------------------
@@ -255,6 +284,42 @@ def test_results_do_not_depend_on_thread_count():
         np.testing.assert_array_equal(a, runs[0][0])
         for kind in s:
             np.testing.assert_array_equal(s[kind], runs[0][1][kind])
+
+
+def test_window_edges():
+    """window >= n is no window (bit for bit); window 1 attends to itself only: a target outside
+    the window (previous_token) has mass 0 and its query stays eligible; numpy ints work."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 300, 2, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 300, 1, 16)).astype(np.float32)
+    tokens = rng.integers(0, 9, (2, 300))
+    kinds = dict(kinds=ALL_KINDS, offsets=(3, 299), per_query=True)
+    plain = inf.scores_from_qk(q, k, tokens, softcap=7.0, **kinds)
+    for wide in (300, 301, np.int64(10**6), 2**70):
+        assert_scores_close(inf.scores_from_qk(q, k, tokens, softcap=7.0, window=wide, **kinds), plain, tol=0)
+        np.testing.assert_array_equal(inf.attention_patterns(q, k, window=wide), inf.attention_patterns(q, k))
+    one = inf.scores_from_qk(q, k, tokens, window=1, **kinds)
+    np.testing.assert_allclose(one["self"][..., 1:], 1.0, rtol=0, atol=1e-6)
+    assert (one["previous_token"][..., 1:] == 0).all() and (one["bos"][..., 1:] == 0).all()
+    np.testing.assert_allclose(one["entropy"][..., 1:], 0.0, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(inf.attention_patterns(q, k, window=1), np.broadcast_to(np.eye(300, dtype=np.float32), (2, 2, 300, 300)))
+    # window w: offset d < w sees its key, offset d >= w does not
+    w = inf.scores_from_qk(q, k, tokens, window=4, **kinds)
+    assert (w["offset_3"][..., 3:] > 0).all() and (w["offset_299"][..., 299:] == 0).all()
+
+
+def test_softcap_bounds_the_logits():
+    """With softcap c every logit lies in (-c, c): huge q.k cannot overflow, and a row's
+    probabilities stay within exp(2c) of each other."""
+    rng = np.random.default_rng(8)
+    q = (rng.standard_normal((40, 1, 8)) * 1e3).astype(np.float32)
+    k = (rng.standard_normal((40, 1, 8)) * 1e3).astype(np.float32)
+    a = inf.attention_patterns(q, k, softcap=2.0)
+    np.testing.assert_allclose(a, oracle.attention_patterns(q, k, softcap=2.0), rtol=0, atol=5e-6)
+    rows = [a[0, i, : i + 1] for i in range(40)]
+    assert all(r.max() / r.min() <= np.exp(4.0) * (1 + 1e-5) for r in rows)
+    s = inf.scores_from_qk(q, k, kinds=("previous_token", "entropy"), softcap=2.0, per_query=True)
+    assert_scores_close(s, inf.head_scores(a, kinds=("previous_token", "entropy"), per_query=True))
 
 
 def test_padding_rows_are_zero_and_inputs_untouched():
@@ -337,6 +402,15 @@ def _qk(n=6, heads=4, kv=2, d=8, lead=(2,)):
         (lambda: _qk(), {"attention_mask": np.full((2, 6), 2)}, r"^attention_mask: expected 0/1 .*got 2 at index \(0, 0\)"),
         (lambda: (np.zeros((6, 8), np.float32),) * 2, {}, r"^q: expected an array of shape \(\.\.\., n, n_heads, d_head\)"),
         (lambda: (_qk()[0], np.full((2, 6, 2, 8), np.nan, np.float32)), {}, r"^k: expected finite values, got NaN at index \(0, 0, 0, 0\)"),
+        (lambda: _qk(), {"softcap": 0.0}, r"^softcap: expected a finite number > 0 or None, got 0.0"),
+        (lambda: _qk(), {"softcap": -2}, r"^softcap: expected a finite number > 0 or None, got -2"),
+        (lambda: _qk(), {"softcap": float("nan")}, r"^softcap: expected a finite number > 0"),
+        (lambda: _qk(), {"softcap": float("inf")}, r"^softcap: expected a finite number > 0"),
+        (lambda: _qk(), {"softcap": 1e300}, r"^softcap: expected a finite number > 0 .*got 1e300"),  # not a float32
+        (lambda: _qk(), {"softcap": 1e-300}, r"^softcap: expected a finite number > 0 .*got 1e-300"),  # 0 in float32
+        (lambda: _qk(), {"window": 0}, r"^window: expected an integer >= 1, got 0"),
+        (lambda: _qk(), {"window": -3}, r"^window: expected an integer >= 1, got -3"),
+        (lambda: _qk(), {"window": 3, "causal": False}, r"^window: .*needs causal=True.*got window=3 with causal=False"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(fn, make, kwargs, match):
@@ -367,3 +441,23 @@ def test_type_errors():
         inf.attention_patterns(q, k, layout=0)
     with pytest.raises(TypeError, match=r"^attention_mask: "):
         inf.attention_patterns(q, k, attention_mask=np.array([["a"] * 6] * 2))
+    for fn in (inf.attention_patterns, inf.scores_from_qk):
+        for softcap in ("50", True, 1j, np.array([1.0, 2.0])):
+            with pytest.raises(TypeError, match=r"^softcap: expected a real number > 0 or None"):
+                fn(q, k, softcap=softcap)
+        for window in (1.5, "3", True, np.float64(4.0), [3]):
+            with pytest.raises(TypeError, match=r"^window: expected an integer"):
+                fn(q, k, window=window)
+
+
+def test_exclude_bos_refuses_left_padding():
+    q, k = _qk()
+    mask = np.ones((2, 6), int)
+    mask[1, :2] = 0
+    with pytest.raises(ValueError, match=r"^exclude_bos: .*attention_mask.*position 0 is padding in prompt 1 .*pad on the right"):
+        inf.scores_from_qk(q, k, exclude_bos=True, attention_mask=mask, kinds="previous_token")
+    with pytest.raises(ValueError, match=r"^exclude_bos: .*prompt 0"):
+        inf.scores_from_qk(q, k, exclude_bos=True, attention_mask=mask[1], kinds="previous_token")
+    right = mask[:, ::-1]
+    inf.scores_from_qk(q, k, exclude_bos=True, attention_mask=right, kinds="previous_token")
+    inf.attention_patterns(q, k, attention_mask=mask)  # patterns have no exclude_bos: fine

@@ -124,6 +124,24 @@ CASES = {
     "detection complex": (lambda: inf.detection_scores(A, np.eye(N) * 1j), TypeError, "detection"),
     "detection object": (lambda: inf.detection_scores(A, np.eye(N).astype(object)), TypeError, "detection"),
     "detection None": (lambda: inf.detection_scores(A, None), TypeError, "detection"),
+    # attention_mask of head_scores
+    "mask too short": (lambda: inf.head_scores(A, T, attention_mask=np.ones(N - 1)), ValueError, "attention_mask", "(5,) or (2, 5)", "got shape (4,)"),
+    "mask wrong batch": (lambda: inf.head_scores(A, T, attention_mask=np.ones((3, N))), ValueError, "attention_mask", "got shape (3, 5)"),
+    "mask batch for no lead": (lambda: inf.head_scores(A[0, 0], T, attention_mask=np.ones((2, N))), ValueError, "attention_mask"),
+    "mask ndim 3": (lambda: inf.head_scores(A, T, attention_mask=np.ones((2, 3, N))), ValueError, "attention_mask", "(2, 3, 5)"),
+    "mask ndim 0": (lambda: inf.head_scores(A, T, attention_mask=1), ValueError, "attention_mask"),
+    "mask value 2": (lambda: inf.head_scores(A, T, attention_mask=np.full(N, 2)), ValueError, "attention_mask", "0/1", "2"),
+    "mask NaN": (lambda: inf.head_scores(A, T, attention_mask=np.full(N, np.nan)), ValueError, "attention_mask"),
+    "mask str": (lambda: inf.head_scores(A, T, attention_mask=np.full(N, "1")), TypeError, "attention_mask"),
+    "mask complex": (lambda: inf.head_scores(A, T, attention_mask=np.ones(N, complex)), TypeError, "attention_mask"),
+    "mask left padding with exclude_bos": (
+        lambda: inf.head_scores(A, T, exclude_bos=True, attention_mask=np.array([[1] * N, [0] + [1] * (N - 1)])),
+        ValueError, "exclude_bos", "attention_mask", "position 0 is padding in prompt 1", "pad on the right",
+    ),
+    "shared mask left padding with exclude_bos": (
+        lambda: inf.head_scores(A, T, exclude_bos=True, attention_mask=np.array([0, 0, 1, 1, 1])),
+        ValueError, "exclude_bos", "prompt 0",
+    ),
     # measure
     "unknown measure": (lambda: inf.detection_scores(A, "bos", measure="MUL"), ValueError, "measure", "MUL"),
     "empty measure": (lambda: inf.detection_scores(A, np.eye(N), measure=""), ValueError, "measure"),

@@ -115,6 +115,33 @@ def test_small_hand_computed_example():
     )
 
 
+def test_padding_is_neither_query_nor_target_by_hand():
+    # tokens a b a b a, uniform causal attention; prompt 0 pads position 1, prompt 1 pads 3, 4
+    A = np.tril(np.ones((5, 5))) / np.arange(1, 6)[:, None]
+    A = np.stack([A, A])
+    t = np.array([1, 2, 1, 2, 1])
+    mask = np.array([[1, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    kinds = ("previous_token", "duplicate_token", "induction", "bos", "entropy")
+    s = inf.head_scores(A, t, kinds=kinds, per_query=True, attention_mask=mask)
+    nan = np.nan
+    np.testing.assert_array_equal(s["previous_token"], [[nan, nan, nan, 1 / 4, 1 / 5], [nan, 1 / 2, 1 / 3, nan, nan]])
+    # duplicate: T(3) = {1} is padding in prompt 0; induction: T(2) = {1} likewise, T(4) = {1, 3} -> {3}
+    np.testing.assert_array_equal(s["duplicate_token"], [[nan, nan, 1 / 3, nan, 2 / 5], [nan, nan, 1 / 3, nan, nan]])
+    np.testing.assert_array_equal(s["induction"], [[nan, nan, nan, 1 / 4, 1 / 5], [nan, nan, 1 / 3, nan, nan]])
+    np.testing.assert_array_equal(s["bos"], [[nan, nan, 1 / 3, 1 / 4, 1 / 5], [nan, 1 / 2, 1 / 3, nan, nan]])
+    np.testing.assert_allclose(s["entropy"], [[nan, nan, np.log(3), np.log(4), np.log(5)], [nan, np.log(2), np.log(3), nan, nan]], rtol=1e-15)
+    means = inf.head_scores(A, t, kinds=kinds, attention_mask=mask.astype(bool))
+    assert means["previous_token"][1] == pytest.approx((1 / 2 + 1 / 3) / 2, rel=1e-15)
+    assert means["entropy"][0] == pytest.approx((np.log(3) + np.log(4) + np.log(5)) / 3, rel=1e-15)
+    # a shared [n] mask serves every head; all padding: nothing is eligible
+    shared = inf.head_scores(A, t, kinds=kinds, attention_mask=mask[1])
+    assert all(np.array_equal(shared[kind][0], shared[kind][1], equal_nan=True) for kind in kinds)
+    assert all(np.isnan(v).all() for v in inf.head_scores(A, t, kinds=kinds, attention_mask=np.zeros(5)).values())
+    # an all-ones mask changes nothing, bit for bit
+    plain = inf.head_scores(A, t, kinds=kinds, per_query=True)
+    assert all(np.array_equal(plain[k], inf.head_scores(A, t, kinds=kinds, per_query=True, attention_mask=np.ones((2, 5)))[k], equal_nan=True) for k in kinds)
+
+
 # --------------------------------------------------------------------------- head_scores vs oracle
 
 
@@ -511,21 +538,51 @@ def score_cases(draw):
     return view, tokens
 
 
+def padding_mask(rng, shape, style):
+    """0/1 flags of `shape`: per row, right or left padding of a random length (0..n), random
+    holes, all padding or all real."""
+    n = shape[-1]
+    mask = np.ones(shape, np.int64).reshape(-1, n)
+    for row in mask:
+        pad = int(rng.integers(0, n + 1))
+        if style == "right":
+            row[n - pad :] = 0
+        elif style == "left":
+            row[:pad] = 0
+        elif style == "holes":
+            row[rng.random(n) < 0.4] = 0
+        elif style == "none":
+            row[:] = 0
+    return mask.reshape(shape)
+
+
 @given(
     data=score_cases(),
     kinds=st.lists(st.sampled_from(ALL_KINDS), max_size=6, unique=True),
     offset_fracs=st.lists(st.floats(0, 1), max_size=3),
     exclude_bos=st.booleans(),
     per_query=st.booleans(),
+    padding=st.sampled_from((None, "right", "left", "holes", "none", "ones")),
+    more=st.data(),
 )
-def test_head_scores_match_oracle_property(data, kinds, offset_fracs, exclude_bos, per_query):
+def test_head_scores_match_oracle_property(data, kinds, offset_fracs, exclude_bos, per_query, padding, more):
     view, tokens = data
-    n = view.shape[-1]
+    lead, n = view.shape[:-2], view.shape[-1]
     offsets = tuple(1 + int(f * (n - 2)) for f in offset_fracs) if n > 1 else ()
+    mask = None
+    if padding is not None:  # [n] or [batch, n], 0/1 or bool
+        rng = np.random.default_rng(more.draw(st.integers(0, 2**32 - 1)))
+        mask = padding_mask(rng, (lead[0], n) if lead and more.draw(st.booleans()) else (n,), padding)
+        mask = mask.astype(bool) if more.draw(st.booleans()) else mask
+    opts = dict(kinds=kinds, offsets=offsets, exclude_bos=exclude_bos, per_query=per_query)
+    if exclude_bos and mask is not None and n and not mask[..., 0].all():
+        with pytest.raises(ValueError, match=r"^exclude_bos: .*attention_mask.*position 0 is padding in prompt"):
+            inf.head_scores(view, tokens, attention_mask=mask, **opts)
+        mask[..., 0] = 1  # BOS is position 0: pad on the right
     before, tokens_before = np.array(view, copy=True), np.array(tokens, copy=True)
-    got = inf.head_scores(view, tokens, kinds=kinds, offsets=offsets, exclude_bos=exclude_bos, per_query=per_query)
+    got = inf.head_scores(view, tokens, attention_mask=mask, **opts)
     assert np.array_equal(view, before, equal_nan=True) and np.array_equal(tokens, tokens_before)
-    expected = oracle.head_scores(before.astype(np.float64), tokens_before, kinds, offsets, exclude_bos, per_query)
+    expected = oracle.head_scores(before.astype(np.float64), tokens_before, kinds, offsets, exclude_bos, per_query, attention_mask=mask)
     assert_scores_match(got, expected)
 
 

@@ -53,6 +53,33 @@ def is_transformer_lens(model: Any, class_name: str) -> bool:
     return any(cls.__name__ == class_name and cls.__module__.startswith("transformer_lens") for cls in type(model).__mro__)
 
 
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hands memory freed by earlier layers back to the OS (glibc only).
+
+    Why: the small result arrays each layer leaves behind land on top of the heap, after the
+    large tensors the layer freed, and glibc returns only the top of its heap on its own; at long
+    context that pins ~100 MB per scan that the model's plain forward would have returned.
+    ``malloc_trim`` releases the free pages wherever they are (measured: it brings scan_model's
+    peak back under the plain forward's on the Llama-shaped model at n = 16384)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class StopForward(Exception):
     """Raised inside the forward pass once the last layer is scored: nothing after it (the last
     MLP, the unembedding, the logits) is needed, so it is not run."""
@@ -125,6 +152,7 @@ class LayerScorer:
             **rules.options(),
         )
         del q, k  # this layer's queries and keys are not kept
+        release_free_memory()
         if self.on_layer is not None:
             self.on_layer()
         if len(self.results) == self.n_layers:

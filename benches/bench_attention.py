@@ -12,6 +12,9 @@ Run: python benches/bench_attention.py [--quick]
    measured in the same run.
 2. One head, n = 1k, 4k, 16k: time and peak-memory growth of scores_from_qk (each n in a fresh
    subprocess, so the high-water mark is its own), next to the size the pattern would take.
+3. The kernel options, one head, d_head 64: window=4096 at n = 16384 against no window (the
+   fused kernel skips key tiles before every window: expect about n / (window + 128) / 2 faster
+   than causal), and softcap=50 against none at n = 4096 (one scalar tanh per logit).
 
 Every timing is the best of 5 rounds that run all candidates in turn (the machine may be shared,
 and this way load from other processes falls on every candidate alike). Part 1 is repeated in a
@@ -163,11 +166,44 @@ def scaling(sizes=(1024, 4096, 16384), d=64):
     print("time grows as n^2 (x16 per 4x n); memory stays flat: O(threads x tile) + O(n)")
 
 
+def options(d=64):
+    print(f"\n== kernel options, one head, d_head = {d}, float32: scores_from_qk ==")
+    rng = np.random.default_rng(0)
+
+    def case(n):
+        q = rng.standard_normal((n, 1, d), dtype=np.float32)
+        k = rng.standard_normal((n, 1, d), dtype=np.float32)
+        return q, k, rng.integers(0, 5000, size=n)
+
+    q, k, tokens = case(16384)
+    t = best_times(
+        {
+            "none": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS),
+            "window": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS, window=4096),
+        },
+        rounds=3,
+    )
+    print(f"n = 16384, no window    {t['none'] * 1e3:8.1f} ms")
+    print(f"n = 16384, window=4096  {t['window'] * 1e3:8.1f} ms   ratio no window / window {t['none'] / t['window']:.2f}x")
+    q, k, tokens = case(4096)
+    t = best_times(
+        {
+            "none": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS),
+            "softcap": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS, softcap=50.0),
+        },
+    )
+    print(f"n = 4096, no softcap    {t['none'] * 1e3:8.1f} ms")
+    print(f"n = 4096, softcap=50    {t['softcap'] * 1e3:8.1f} ms   ratio softcap / none {t['softcap'] / t['none']:.2f}x")
+
+
 ONE_CORE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "INDUCT_FAST_NUM_THREADS": "1"}
 
 
 def main():
     quick = "--quick" in sys.argv
+    if "--options-only" in sys.argv:
+        options()
+        return
     if "--headline-only" in sys.argv:
         headline(rounds=2 if quick else 5)
         return
@@ -176,6 +212,7 @@ def main():
     args = [sys.executable, __file__, "--headline-only"] + (["--quick"] if quick else [])
     subprocess.run(args, env={**os.environ, **ONE_CORE}, check=True)
     scaling(sizes=(1024, 4096) if quick else (1024, 4096, 16384))
+    options()
 
 
 if __name__ == "__main__":

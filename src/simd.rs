@@ -119,6 +119,37 @@ pub fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// |x| below which [`tanh_f32`] sums its series, at and above which it takes the closed form.
+const TANH_SERIES_END: f32 = 0.4;
+
+/// Taylor coefficients of tanh x / x - 1 in powers of z = x², highest first:
+/// tanh x = x - x³/3 + 2x⁵/15 - 17x⁷/315 + 62x⁹/2835 - 1382x¹¹/155925 + 21844x¹³/6081075 - ...
+const TANH_SERIES: [f32; 6] =
+    [21844.0 / 6081075.0, -1382.0 / 155925.0, 62.0 / 2835.0, -17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0];
+
+/// tanh x within 2 ulp (1.33 measured), written without branches or calls so that loops over it vectorise
+/// (`std`'s tanh is a libm call that does not); NaN stays NaN, ±inf gives ±1.
+///
+/// |x| < 0.4: x + x·z·q(z), the series above to x¹³ (truncation below 5e-9 relative).
+/// |x| >= 0.4: (1 - e) / (1 + e) with e = e^(-2|x|) <= e^-0.8 by [`exp_f32`], so 1 - e does not
+/// cancel. The sign is copied from x.
+#[inline(always)]
+pub fn tanh_f32<const FMA: bool>(x: f32) -> f32 {
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+    let a = x.abs();
+    let z = a * a;
+    let mut q = TANH_SERIES[0];
+    for c in &TANH_SERIES[1..] {
+        q = madd(q, z, *c);
+    }
+    let series = madd(a * z, q, a);
+    let e = exp_f32::<FMA>(-2.0 * a);
+    let closed = (1.0 - e) / (1.0 + e);
+    // NaN fails the comparison and takes the closed form, which is NaN.
+    let t = if a < TANH_SERIES_END { series } else { closed };
+    t.copysign(x)
+}
+
 /// Below this [`exp_f64`] returns e^MIN_ARG (~3e-308), keeping 2^k a normal number;
 /// [`exp_f64_or_zero`] returns 0.
 const MIN_ARG: f64 = -708.0;
@@ -193,6 +224,41 @@ pub fn exp_f64_or_zero<const FMA: bool>(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Units in the last place between a and the f64 value b (at b's f32 magnitude).
+    fn ulps(a: f32, b: f64) -> f64 {
+        let ulp = f32::EPSILON as f64 * f64::from(b.abs().max(f32::MIN_POSITIVE as f64) as f32).abs();
+        (a as f64 - b).abs() / ulp
+    }
+
+    #[test]
+    fn tanh_f32_is_within_two_ulp() {
+        let mut worst = (0.0f64, 0.0f32);
+        // Dense over the interesting range, both sides of the switch at 0.4, and tiny values.
+        let samples = (0..400_000)
+            .map(|i| -20.0 + 40.0 * i as f32 / 400_000.0)
+            .chain((0..20_000).map(|i| 0.39 + 0.02 * i as f32 / 20_000.0))
+            .chain((0..200).map(|i| 1e-30 * 1.5f32.powi(i)));
+        for x in samples {
+            let exact = (x as f64).tanh();
+            for t in [tanh_f32::<false>(x), tanh_f32::<true>(x)] {
+                let u = ulps(t, exact);
+                assert!(u <= 2.0, "tanh({x:e}) = {t:e}, want {exact:e}: {u:.1} ulp");
+                assert!(t.abs() <= 1.0);
+                if u > worst.0 {
+                    worst = (u, x);
+                }
+            }
+            assert_eq!(tanh_f32::<true>(-x).to_bits(), (-tanh_f32::<true>(x)).to_bits(), "odd at {x}");
+        }
+        assert!(worst.0 <= 2.0, "worst {worst:?}");
+        for (x, want) in [(0.0f32, 0.0f32), (9.5, 1.0), (1e30, 1.0), (f32::INFINITY, 1.0), (f32::NEG_INFINITY, -1.0)] {
+            assert_eq!(tanh_f32::<false>(x), want);
+            assert_eq!(tanh_f32::<true>(x), want);
+        }
+        assert!(tanh_f32::<true>(f32::NAN).is_nan() && tanh_f32::<false>(f32::NAN).is_nan());
+        assert_eq!(tanh_f32::<true>(-0.0).to_bits(), (-0.0f32).to_bits());
+    }
 
     #[test]
     fn exp_f64_matches_std_on_its_domain() {

@@ -40,10 +40,13 @@ pub trait Compute: Lane + Real + std::fmt::Display {
     /// a test), so a target logit equals the logit that went into the row's log-sum-exp.
     fn dot(a: ndarray::ArrayView1<'_, Self>, b: ndarray::ArrayView1<'_, Self>) -> Self;
 
-    /// The logit soft cap `cap · tanh(self / cap)` (Gemma-2's `attn_logit_softcapping`), one
-    /// scalar tanh. NaN for a non-finite logit, so an overflow in q·k stays an error rather
-    /// than saturating silently to `cap`.
+    /// The logit soft cap `cap · tanh(self / cap)` (Gemma-2's `attn_logit_softcapping`). NaN
+    /// for a non-finite logit, so an overflow in q·k stays an error rather than saturating
+    /// silently to `cap`. Bit for bit what [`Compute::soft_cap_slice`] makes of the same logit.
     fn soft_cap(self, cap: Self) -> Self;
+    /// [`Compute::soft_cap`] of every logit of a tile: f32 through the vectorised
+    /// `crate::simd::tanh_f32` (2 ulp), f64 through `std`'s tanh.
+    fn soft_cap_slice(s: &mut [Self], cap: Self);
 
     fn max(s: &[Self]) -> Self;
     fn exp_sum(s: &[Self], m: Self) -> f64;
@@ -108,11 +111,10 @@ impl Compute for f32 {
         ordered_dot(a, b, 0.0, |x, y, acc| acc + x * y)
     }
     fn soft_cap(self, cap: f32) -> f32 {
-        if self.is_finite() {
-            cap * (self / cap).tanh()
-        } else {
-            f32::NAN
-        }
+        simd::soft_cap_one_f32(self, cap)
+    }
+    fn soft_cap_slice(s: &mut [f32], cap: f32) {
+        simd::soft_cap_f32(s, cap)
     }
     fn max(s: &[f32]) -> f32 {
         simd::max_f32(s)
@@ -168,6 +170,11 @@ impl Compute for f64 {
             cap * (self / cap).tanh()
         } else {
             f64::NAN
+        }
+    }
+    fn soft_cap_slice(s: &mut [f64], cap: f64) {
+        for v in s {
+            *v = v.soft_cap(cap);
         }
     }
     fn max(s: &[f64]) -> f64 {
@@ -278,6 +285,31 @@ mod tests {
         // matrixmultiply's FMA kernels (report, do not fail, elsewhere).
         if simd::has_fma() {
             assert_eq!(mismatches, 0, "target logits no longer round like the GEMM");
+        }
+    }
+
+    /// The tile's soft cap and a single recomputed logit's agree to the bit (what lets capped
+    /// target logits match the log-sum-exp), and both are within a few ulp of f64's.
+    #[test]
+    fn soft_cap_of_a_tile_equals_soft_cap_of_each_logit() {
+        let tile = pseudo_random(37, 91, 3);
+        for cap in [0.3f32, 5.0, 50.0] {
+            let mut logits: Vec<f32> = tile.iter().map(|v| v * 3.0 * cap).collect();
+            logits.extend([f32::INFINITY, f32::NAN, 0.0, -0.0, 1e30]);
+            let mut capped = logits.clone();
+            f32::soft_cap_slice(&mut capped, cap);
+            for (x, c) in logits.iter().zip(&capped) {
+                assert_eq!(c.to_bits(), x.soft_cap(cap).to_bits(), "cap {cap}, logit {x}");
+                if x.is_finite() {
+                    let exact = cap as f64 * (*x as f64 / cap as f64).tanh();
+                    assert!((*c as f64 - exact).abs() <= 4.0 * f32::EPSILON as f64 * cap as f64, "{x}: {c} vs {exact}");
+                } else {
+                    assert!(c.is_nan(), "a non-finite logit stays an overflow");
+                }
+            }
+            let mut wide: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+            f64::soft_cap_slice(&mut wide, cap as f64);
+            assert!(wide.iter().zip(&logits).all(|(w, x)| w.to_bits() == (*x as f64).soft_cap(cap as f64).to_bits()));
         }
     }
 

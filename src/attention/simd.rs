@@ -9,7 +9,7 @@
 //! Each slice routine is compiled per CPU level and picked at run time (`crate::simd`).
 
 pub(crate) use crate::simd::has_fma;
-use crate::simd::{dispatched, exp_f32, exp_f64_or_zero};
+use crate::simd::{dispatched, exp_f32, exp_f64_or_zero, tanh_f32};
 
 /// Partial results per reduction. 16 f32 fill one AVX-512 register or two AVX2 registers.
 pub const LANES: usize = 16;
@@ -163,6 +163,33 @@ fn scale_impl<T: Lane>(s: &mut [T], factor: T) {
         *v = v.mul(factor);
     }
 }
+
+/// cap · tanh(x / cap), NaN for a non-finite x (see `Compute::soft_cap`).
+#[inline(always)]
+fn soft_cap_one<const FMA: bool>(x: f32, cap: f32) -> f32 {
+    let capped = cap * tanh_f32::<FMA>(x / cap);
+    if x.is_finite() {
+        capped
+    } else {
+        f32::NAN
+    }
+}
+
+#[inline(always)]
+fn soft_cap_impl<const FMA: bool>(s: &mut [f32], cap: f32) {
+    for v in s.iter_mut() {
+        *v = soft_cap_one::<FMA>(*v, cap);
+    }
+}
+
+dispatched!(
+    /// s_j <- cap · tanh(s_j / cap) for f32 logits (NaN where s_j is not finite).
+    soft_cap_f32(s: &mut [f32], cap: f32) -> () = soft_cap_impl::<true>, soft_cap_impl::<false>
+);
+dispatched!(
+    /// [`soft_cap_f32`] of one logit, bit for bit: the same arithmetic with the same FMA choice.
+    soft_cap_one_f32(x: f32, cap: f32) -> f32 = soft_cap_one::<true>, soft_cap_one::<false>
+);
 
 dispatched!(
     /// Largest element of f32 logits (-inf if empty; NaN skipped).

@@ -272,18 +272,22 @@ def test_results_do_not_depend_on_thread_count():
     q = rng.standard_normal((1, 500, 3, 16)).astype(np.float32)
     k = rng.standard_normal((1, 500, 3, 16)).astype(np.float32)
     tokens = rng.integers(0, 20, size=500)
+    mask = np.ones((1, 500), bool)
+    mask[0, 450:] = False
+    options = [{}, dict(softcap=3.0, window=200, attention_mask=mask)]
     before = inf.get_num_threads()
     try:
         runs = []
         for threads in (1, 2, 3):
             inf.set_num_threads(threads)
-            runs.append((inf.attention_patterns(q, k), inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS, per_query=True)))
+            for o in options:
+                runs.append((inf.attention_patterns(q, k, **o), inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS, per_query=True, **o)))
     finally:
         inf.set_num_threads(before)
-    for a, s in runs[1:]:
-        np.testing.assert_array_equal(a, runs[0][0])
+    for r, (a, s) in enumerate(runs[len(options) :]):
+        np.testing.assert_array_equal(a, runs[r % len(options)][0])
         for kind in s:
-            np.testing.assert_array_equal(s[kind], runs[0][1][kind])
+            np.testing.assert_array_equal(s[kind], runs[r % len(options)][1][kind])
 
 
 def test_window_edges():

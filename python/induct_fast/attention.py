@@ -35,9 +35,10 @@ Choices
   stays eligible), exactly as the stored pattern shows it. The fused kernel computes only the
   key tiles that reach into a window: time O(n * (window + 128) * d_head) per head, not
   O(n^2 d_head). ``window >= n`` is no window at all (identical results).
-* Soft cap: one scalar tanh per allowed logit (the uncapped path is unchanged); the fused
-  kernel recomputes a target's logit through the very same function, so it matches the
-  log-sum-exp to the bit.
+* Soft cap: one tanh per allowed logit, in float32 a vectorised tanh within 2 ulp (about 1.5x
+  the uncapped time), in float64 the C library's; the uncapped path is unchanged. The fused
+  kernel recomputes a target's logit through the very same arithmetic, so it matches the
+  log-sum-exp to the bit. A logit q . k that overflows is still an error, never a silent cap.
 * Output dtype: float32 for float16 and float32 input (computed in float32, like TransformerLens
   and PyTorch), float64 for float64 input. q and k of different dtypes are promoted to a common
   one. Scores are always float64.

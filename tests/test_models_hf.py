@@ -208,3 +208,13 @@ def test_bad_mask_and_batch_size():
         inf.scan_model(model, ids, attention_mask=np.ones((2, 3)))
     with pytest.raises(ValueError, match="batch_size"):
         inf.scan_model(model, ids, batch_size=0)
+
+
+def test_scan_of_an_sdpa_output_says_what_to_do():
+    """A model on sdpa returns no attention patterns even when asked: the error names the ways out."""
+    model = llama().eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(prompts(1, pad=False)[0]), output_attentions=True)
+    assert not out.attentions
+    with pytest.raises(ValueError, match='attn_implementation="eager".*scan_model'):
+        inf.scan(out)

@@ -24,10 +24,12 @@ def tokenizer():
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    words = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    # Special tokens are all "w0" (id 0): the tokenizer splits words around special tokens, and no
+    # other word starts with "w0".
+    words = Tokenizer(WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     words.pre_tokenizer = Whitespace()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="t0", bos_token="t0", eos_token="t1", pad_token="t2", add_bos_token=True
+        tokenizer_object=words, unk_token="w0", bos_token="w0", eos_token="w0", pad_token="w0", add_bos_token=True
     )
     tok.init_kwargs["name_or_path"] = "in-memory"
     return tok

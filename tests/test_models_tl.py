@@ -89,6 +89,15 @@ def test_without_the_mask_padding_changes_the_scores():
     assert np.nanmax(np.abs(with_mask.per_prompt["previous_token"] - without.per_prompt["previous_token"])) > 1e-3
 
 
+def test_hooks_are_removed_on_error():
+    model = model_of("rotary")
+    ids, _ = prompts(2, pad=False)
+    with pytest.raises(ValueError, match="offset"):  # raised by the kernel inside the forward pass
+        inf.scan_model(model, ids[:, :4], offsets=(7,))
+    assert not any(hook.fwd_hooks for hook in model.hook_dict.values())
+    assert_scores_equal(inf.scan_model(model, ids).per_prompt, inf.scan_model(model, ids).per_prompt, atol=0)
+
+
 def test_head_scores_of_a_cache_points_to_scan():
     model = model_of("learned-positions")
     _, cache = model.run_with_cache(torch.as_tensor(prompts(1, pad=False)[0]))

@@ -146,6 +146,8 @@ def scan_model(
 
 
 def _as_ids(tokens: Any) -> np.ndarray:
+    if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch ids on an accelerator are fine here
+        tokens = tokens.detach().cpu()
     ids = as_tokens(tokens)
     if ids is None:
         raise TypeError("tokens: expected token ids of shape (batch, n), got None")
@@ -157,6 +159,8 @@ def _as_ids(tokens: Any) -> np.ndarray:
 
 
 def _as_mask(attention_mask: Any, shape: tuple) -> Optional[np.ndarray]:
+    if hasattr(attention_mask, "detach") and hasattr(attention_mask, "cpu"):
+        attention_mask = attention_mask.detach().cpu()
     mask = as_key_mask(attention_mask)
     if mask is None:
         return None

@@ -77,6 +77,10 @@ def check_supported(model: Any) -> None:
             "cannot be taken as its attention uses them; this architecture is not supported"
         )
     implementation = config._attn_implementation
+    if implementation == "eager" and getattr(config, "reorder_and_upcast_attn", False):
+        # GPT-2 takes its own upcasting path on eager only; under another implementation name it
+        # would run differently from the model's own forward.
+        raise NotImplementedError("model: GPT-2's reorder_and_upcast_attn on eager attention is not supported (use sdpa)")
     if str(implementation).startswith("induct_fast"):
         raise NotImplementedError("model: scan_model is already running on this model (nested scans are not supported)")
 

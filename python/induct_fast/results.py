@@ -21,6 +21,9 @@ class HeadScores:
     per_prompt : mapping of str to array_like, each of shape (batch, layer, head)
         One array per kind (``head_scores`` output of a ``[batch, layer, head, n, n]`` stack).
         All kinds must share one shape.
+    meta : mapping, optional
+        How the scores were made (:func:`induct_fast.scan_model` records the model and, per
+        layer, whether the row normalisers came from the model's own attention kernel).
 
     Attributes
     ----------
@@ -31,6 +34,8 @@ class HeadScores:
         eligible query (NaN) does not count; NaN only where no prompt has one.
     kinds : tuple of str
     batch, n_layers, n_heads : int
+    meta : dict
+        As given (empty by default); included in :meth:`to_dict`.
 
     Examples
     --------
@@ -41,7 +46,7 @@ class HeadScores:
     [(0, 1, 0.8)]
     """
 
-    def __init__(self, per_prompt: Mapping[str, Any]):
+    def __init__(self, per_prompt: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = None):
         if not isinstance(per_prompt, Mapping) or not per_prompt:
             raise ValueError(f"per_prompt: expected a non-empty mapping of kind -> [batch, layer, head] array, got {per_prompt!r}")
         arrays = {str(kind): np.asarray(values, dtype=np.float64) for kind, values in per_prompt.items()}
@@ -52,6 +57,7 @@ class HeadScores:
                     f"per_prompt[{kind!r}]: expected shape (batch, layer, head) like {first_kind!r} {first.shape}, got shape {values.shape}"
                 )
         self.per_prompt: dict[str, np.ndarray] = arrays
+        self.meta: dict[str, Any] = dict(meta or {})
         self.scores: dict[str, np.ndarray] = {kind: _mean_over_prompts(v) for kind, v in arrays.items()}
 
     # -- shape and access ----------------------------------------------------------------------
@@ -158,6 +164,8 @@ class HeadScores:
         }
         if per_prompt:
             out["per_prompt"] = {kind: _json_list(values) for kind, values in self.per_prompt.items()}
+        if self.meta:
+            out["meta"] = self.meta
         return out
 
     def to_table(self, digits: int = 3) -> str:

@@ -1,5 +1,7 @@
-# `make test` is self-contained: it creates .venv, installs the package (release build) with
-# everything the tests need, then runs the Rust core's tests and the Python suite.
+# `make test` is self-contained: it creates .venv, builds the release wheel (`make wheel`: abi3,
+# manylinux2014) and installs it with everything the tests need, then runs the Rust core's tests
+# and the Python suite, which includes installing that wheel into fresh virtual environments with
+# no Rust on PATH (tests/test_wheel.py).
 #
 # The live-model tests run against the real libraries: torch (CPU), transformers,
 # TransformerLens 3.x (HookedTransformer) in the venv, and TransformerLens 4.x (TransformerBridge)
@@ -10,8 +12,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TL4    := $(VENV)/tl4
+# Where `make wheel` writes the wheel.
+WHEEL_DIR ?= dist
 
-.PHONY: test venv install cargo-test pytest bench clean
+.PHONY: test venv install wheel wheel-test typecheck cargo-test pytest bench clean
 
 test: cargo-test pytest
 
@@ -21,27 +25,41 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.deps: $(VENV)/.created pyproject.toml Makefile
-	$(PIP) install --quiet "maturin>=1.9.4,<2" numpy pytest hypothesis pandas matplotlib "dask[array,distributed]" safetensors tqdm \
+	$(PIP) install --quiet "maturin>=1.9.4,<2" ziglang mypy numpy pytest hypothesis pandas matplotlib "dask[array,distributed]" safetensors tqdm \
 		torch transformers "transformer_lens>=3.9,<4"
 	$(PIP) install --quiet --no-deps --upgrade --target $(TL4) "transformer_lens>=4.3,<5"
 	touch $@
 
 venv: $(VENV)/.deps
 
-# Always rebuild: the extension must match the sources under test.
-install: venv
-	$(PIP) install --quiet --no-deps --force-reinstall .
+# One wheel for Linux x86_64 with glibc >= 2.17 (manylinux2014: Ubuntu 16.04+, RHEL/CentOS 7+)
+# and every CPython >= 3.9 (abi3). zig (PyPI's ziglang, in the venv) links against glibc 2.17.
+# Always rebuilt (cargo makes that quick when nothing changed): it must match the sources.
+wheel: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" maturin build --quiet --release --zig --compatibility manylinux2014 \
+		--features abi3 --out "$(WHEEL_DIR)"
+
+# The tests run against the wheel that ships.
+install: wheel
+	$(PIP) install --quiet --no-deps --force-reinstall "$$(ls -t "$(WHEEL_DIR)"/induct_fast-*-cp39-abi3-*.whl | head -n 1)"
+
+wheel-test: install
+	INDUCT_FAST_WHEEL_DIR="$(abspath $(WHEEL_DIR))" $(PY) -m pytest -q tests/test_wheel.py
+
+typecheck: install
+	$(PY) -m mypy --strict python/induct_fast
+	$(PY) -m mypy.stubtest induct_fast
 
 cargo-test:
 	cargo test --quiet
 
 # HF_HUB_OFFLINE: no test may download anything (models are built from configs).
 pytest: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	INDUCT_FAST_WHEEL_DIR="$(abspath $(WHEEL_DIR))" HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 	HF_HUB_OFFLINE=1 PYTHONPATH=$(TL4) $(PY) -m pytest -q tests/tl4
 
 bench: install
 	for f in benches/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target dist

@@ -346,7 +346,7 @@ def test_bad_files(tmp_path, data):
     np.savez(tmp_path / "two_stacks.npz", a=patterns, b=patterns)
     with pytest.raises(ValueError, match=r"one stacked array .* got key 'a' of shape"):
         inf.scan(tmp_path / "two_stacks.npz", kinds="previous_token")
-    with pytest.raises(ValueError, match=r"key: no array in .*mixed.npz matches 'blocks\.\*'; its keys: layer0, layer1"):
+    with pytest.raises(ValueError, match=r"key: no array in .*mixed.npz matches 'blocks\.\*'; arrays of a fitting shape: 'layer0' \(2, 4, 9, 9\), 'layer1'"):
         inf.files.open_patterns(tmp_path / "mixed.npz", key="blocks.*")
     np.save(tmp_path / "objects.npy", np.array([None, 1], dtype=object))
     with pytest.raises(ValueError, match="objects.npy: not a readable .npy file"):
@@ -373,3 +373,49 @@ def test_import_loads_nothing_beyond_numpy():
     assert not third_party, third_party
     for optional in ("pandas", "matplotlib", "dask", "distributed", "torch", "tqdm", "safetensors"):
         assert optional not in json.loads(out)
+
+
+# -- issue 12 ----------------------------------------------------------------------------------
+
+
+def test_nan_in_a_per_layer_source_names_the_layer_axis(data, tmp_path):
+    """NaN at [3, 1, 2, 30, 29] of the whole source is reported at that index, not (3, 2, 30, 29)."""
+    patterns, tokens, _ = data
+    bad = patterns.copy()
+    bad[1, 2, 3, 7, 6] = np.nan
+    layers = tuple(bad[:, layer] for layer in range(LAYERS))
+    message = r"patterns: expected finite values, got NaN at index \(1, 2, 3, 7, 6\) of the \[batch, layer, \.\.\.\] source"
+    with pytest.raises(ValueError, match=message):
+        run(layers, tokens)
+    np.savez(tmp_path / "layers.npz", **{f"layer{l}": layers[l] for l in range(LAYERS)})
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "layers.npz", tokens)
+    with pytest.raises(ValueError, match=r"got NaN at index \(1, 2, 3, 7, 6\)$"):
+        run(bad, tokens)  # one stacked array: the kernel's own index
+    with pytest.raises(ValueError, match=r"got NaN at index \(1, 2, 3, 7, 6\)"):
+        run(bad, tokens, progress=True)
+
+
+def test_nan_in_per_layer_queries_names_the_layer_axis():
+    q = np.random.default_rng(0).normal(size=(2, 3, 6, 2, 4))
+    q[1, 2, 3, 1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"q: expected finite values, got inf at index \(1, 2, 3, 1, 0\) of the \[batch"):
+        inf.scan(([q[:, l] for l in range(3)], [q[:, l] for l in range(3)]), kinds="previous_token")
+
+
+def test_stacked_patterns_with_progress_show_a_bar_and_the_same_scores(data, capsys, monkeypatch):
+    patterns, tokens, want = data
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the plain counter
+    assert_matches(run(patterns, tokens, progress=True), want)
+    assert f"scan: layer {LAYERS}/{LAYERS}" in capsys.readouterr().err
+
+
+def test_scan_a_path_with_key(data, tmp_path):
+    patterns, tokens, want = data
+    np.savez(tmp_path / "mixed.npz", tokens=tokens, mine=patterns, other=np.zeros((3, 4)))
+    assert_matches(run(tmp_path / "mixed.npz", None, key="mine"), want)
+    assert_matches(run(str(tmp_path / "mixed.npz"), None, key="mi*"), want)
+    with pytest.raises(ValueError, match="key: no array in .* matches 'nope'"):
+        run(tmp_path / "mixed.npz", None, key="nope")
+    with pytest.raises(TypeError, match="key: selects the arrays of a file given by its path; the source is a ndarray"):
+        run(patterns, tokens, key="mine")

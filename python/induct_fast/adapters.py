@@ -13,7 +13,8 @@ TransformerLens ``ActivationCache`` or a dict      ``blocks.{l}.attn.hook_patter
 other ``cache["pattern", l]`` lookups              ``l = 0, 1, ...`` until KeyError / IndexError
 ``(q, k)`` of ``[batch, layer, n, heads, d_head]``  per-layer ``(q[:, l], k[:, l])``
 ``(qs, ks)``, two lists of ``[batch, n, heads, d]``  per-layer pairs
-path / :class:`~induct_fast.files.PatternFile`     its layers, one at a time (``files`` module)
+path / :class:`~induct_fast.files.PatternFile`     its layers, one at a time (``files`` module;
+                                                   ``key=`` selects its arrays)
 any other iterable                                 layers, as it yields them (generators too)
 ================================================  =============================================
 
@@ -74,6 +75,9 @@ class Layers:
         only the layer it is working on.
     rules : list of AttentionRules or None
         For ``qk`` items of a cache that carries its model: each layer's attention rules.
+    prompts : (int, int) or None
+        ``(batch, n)`` of every layer when known before reading any (files, from their headers),
+        so that tokens are checked before the work starts.
     """
 
     kind: str
@@ -83,16 +87,25 @@ class Layers:
     tokens: Optional[np.ndarray] = None
     lazy: bool = False
     rules: Optional[list] = None
+    prompts: Optional[tuple[int, int]] = None
 
 
-def layers_of(source: Any, layer_axis: int = 1) -> Layers:
+def layers_of(source: Any, layer_axis: int = 1, key: Optional[str] = None) -> Layers:
     """The :class:`Layers` of any supported source (see the module docstring); ``layer_axis`` is
     the layer axis of a stacked array (1: ``[batch, layer, ...]``, 0: TransformerLens's
-    ``stack_activation`` order ``[layer, batch, ...]``)."""
+    ``stack_activation`` order ``[layer, batch, ...]``); ``key`` selects the layer arrays of a
+    file given by its path (a glob, see :mod:`induct_fast.files`)."""
     if isinstance(source, (str, bytes, os.PathLike)):
-        source = PatternFile(os.fsdecode(source))
+        source = PatternFile(os.fsdecode(source), key)
+    elif key is not None:
+        raise TypeError(
+            f"key: selects the arrays of a file given by its path; the source is a {type(source).__name__}, "
+            "select its arrays before passing it"
+        )
     if isinstance(source, PatternFile):
-        return Layers("patterns", source.loaders(), len(source), tokens=source.tokens, lazy=True)
+        shape = source.layer_shape
+        prompts = (shape[0], shape[1] if source.kind == "qk" else shape[-1])
+        return Layers(source.kind, source.loaders(), len(source), tokens=source.tokens, lazy=True, prompts=prompts)
     if _is_array(source):
         return _stacked(source, layer_axis)
     if isinstance(source, (tuple, list)):

@@ -25,7 +25,7 @@ L1H1, L1H3) write noise into. The circuit:
   token into ``out``, and W_U turns ``out`` into logits, so on the repeated half of
   ``A B ... A`` the model predicts B.
 
-``python -m induct_fast.cli demo`` (or ``induct-fast demo``) runs it on repeated random tokens.
+``python -m induct_fast demo`` (or ``induct-fast demo``) runs it on repeated random tokens.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ Conventions (the same for :func:`induct_fast.scan` given a path and for ``induct
 A key named ``tokens`` is never a layer: it holds the token ids ``[n]`` or ``[batch, n]`` the
 patterns were computed on, and scans use it unless tokens are given explicitly. ``key`` (a glob,
 e.g. ``"blocks.*.attn.hook_pattern"``) selects the layer arrays among the other keys.
+
+A saved TransformerLens cache (``np.savez(path, **cache)`` or a safetensors file with hook names
+as keys) is read without ``key``: its ``blocks.{l}.attn.hook_pattern`` arrays if it has them,
+else its queries and keys (``blocks.{l}.attn.hook_rot_q`` / ``hook_rot_k``, else ``hook_q`` /
+``hook_k``, ``[batch, n, heads, d_head]`` per layer), which are then scored from q and k like
+:func:`induct_fast.scores_from_qk` (with its default rules: a saved file has no model).
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ import numpy as np
 
 SUFFIXES = (".npy", ".npz", ".safetensors")
 TOKENS_KEY = "tokens"
+# TransformerLens hook names, as a saved ActivationCache has them.
+_TL_PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
+_TL_QK = (("blocks.{}.attn.hook_rot_q", "blocks.{}.attn.hook_rot_k"), ("blocks.{}.attn.hook_q", "blocks.{}.attn.hook_k"))
+_SHOWN_KEYS = 8  # keys listed in an error message before "... and N more"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -50,12 +60,18 @@ class PatternFile:
     Attributes
     ----------
     path : Path
+    kind : {"patterns", "qk"}
+        Layers are attention patterns, or ``(q, k)`` pairs (a saved TransformerLens cache
+        without patterns).
     keys : list of str
-        The layer arrays' keys in layer order (one key for a stacked array; ``[""]`` for .npy).
+        The layer arrays' keys in layer order (one key for a stacked array; ``[""]`` for .npy;
+        the query keys for ``qk``).
+    k_keys : list of str
+        The key (``hook_k``) arrays of each layer for ``qk``; empty otherwise.
     stacked : bool
         Whether layers are the second axis of a single 5-d array.
     layer_shape : tuple of int
-        ``(batch, head, n, n)`` of every layer.
+        ``(batch, head, n, n)`` of every layer (for ``qk``: the queries' ``(batch, n, heads, d_head)``).
     tokens : ndarray of int or None
         The ``tokens`` entry of the file, if any.
     """
@@ -63,10 +79,26 @@ class PatternFile:
     def __init__(self, path: PathLike, key: Optional[str] = None):
         self.path = Path(path)
         self._reader = _reader_for(self.path)
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key: expected a glob (str) naming the layer arrays, got {key!r}")
+        if key is not None and isinstance(self._reader, _NpyReader):
+            raise ValueError(f"key: {self.path} is a .npy file, which holds one array and no keys; drop the key (--key)")
         entries = self._reader.entries()
         self.tokens = self._read_tokens(entries)
-        layers = _select(self.path, {k: s for k, s in entries.items() if k != TOKENS_KEY}, key)
-        self.keys, self.stacked, self.layer_shape, self._n_layers = _layout(self.path, layers)
+        arrays = {k: s for k, s in entries.items() if k != TOKENS_KEY}
+        self.kind = "patterns"
+        self.k_keys: list[str] = []
+        qk = _tl_qk_keys(arrays) if key is None and not any(map(_TL_PATTERN.match, arrays)) else None
+        if qk is not None:
+            self.kind = "qk"
+            self.keys, self.k_keys, self.layer_shape = _qk_layout(self.path, arrays, *qk)
+            self.stacked, self._n_layers = False, len(self.keys)
+            return
+        if key is None and any(map(_TL_PATTERN.match, arrays)):
+            key = "blocks.*.attn.hook_pattern"  # a saved cache: its patterns, not its other hooks
+            arrays = {k: s for k, s in arrays.items() if _TL_PATTERN.match(k)}
+        layers = _select(self.path, arrays, key)
+        self.keys, self.stacked, self.layer_shape, self._n_layers = _layout(self.path, layers, key)
 
     def __len__(self) -> int:
         return self._n_layers
@@ -76,22 +108,31 @@ class PatternFile:
 
     def __repr__(self) -> str:
         layout = f"stacked {self.keys[0]!r}" if self.stacked else f"{len(self.keys)} keys"
+        if self.kind == "qk":
+            layout += ", q and k"
         return f"PatternFile({str(self.path)!r}, layers={len(self)}, layer_shape={self.layer_shape}, {layout})"
 
-    def layers(self) -> Iterator[np.ndarray]:
-        """Each layer ``[batch, head, n, n]`` in order, read (or mapped) when it is reached."""
+    def layers(self) -> Iterator[Any]:
+        """Each layer ``[batch, head, n, n]`` (``qk``: a ``(q, k)`` pair) in order, read (or
+        mapped) when it is reached."""
         for load in self.loaders():
             yield load()
 
-    def loaders(self) -> Iterator[Callable[[], np.ndarray]]:
+    def loaders(self) -> Iterator[Callable[[], Any]]:
         """One function per layer that reads (or maps) it. Holding these instead of arrays lets a
         consumer release each layer before reading the next, whatever wraps the iteration."""
-        if self.stacked:
+        if self.kind == "qk":
+            for q_key, k_key in zip(self.keys, self.k_keys):
+                yield functools.partial(self._read_pair, q_key, k_key)
+        elif self.stacked:
             for layer in range(self._n_layers):
                 yield functools.partial(self._reader.read, self.keys[0], layer)
         else:
             for key in self.keys:
                 yield functools.partial(self._reader.read, key, None)
+
+    def _read_pair(self, q_key: str, k_key: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._reader.read(q_key, None), self._reader.read(k_key, None)
 
     def _read_tokens(self, entries: dict[str, tuple]) -> Optional[np.ndarray]:
         if TOKENS_KEY not in entries:
@@ -105,26 +146,48 @@ def open_patterns(path: PathLike, key: Optional[str] = None) -> PatternFile:
     return PatternFile(path, key)
 
 
-def load_tokens(path: PathLike) -> np.ndarray:
-    """Token ids ``[n]`` or ``[batch, n]`` from ``.npy``, ``.npz`` / ``.safetensors`` (the key
-    ``tokens``, or the only array), or text (``.txt``/``.csv``: one sequence per line)."""
+def load_tokens(path: PathLike, key: Optional[str] = None) -> np.ndarray:
+    """Token ids ``[n]`` or ``[batch, n]`` from ``.npy``, ``.npz`` / ``.safetensors`` (the array
+    named ``key``; without it the key ``tokens``, or the only array), or text
+    (``.txt``/``.csv``: one sequence per line)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".csv", ".tsv"):
         _check_exists(path)
+        if key is not None:
+            raise ValueError(f"tokens: {path} is a text file, which has no keys; drop ':{key}'")
         try:
             return np.loadtxt(path, dtype=np.int64, ndmin=1, delimiter="," if suffix == ".csv" else None)
         except ValueError as exc:
             raise ValueError(f"{path}: expected integer token ids, one sequence per line ({exc})") from None
     reader = _reader_for(path)
     entries = reader.entries()
-    if TOKENS_KEY in entries:
+    if key is not None:
+        if isinstance(reader, _NpyReader):
+            raise ValueError(f"tokens: {path} is a .npy file, which holds one array and no keys; drop ':{key}'")
+        if key not in entries:
+            raise ValueError(f"tokens: {path} has no array {key!r}; {_some_keys(entries)}")
+    elif TOKENS_KEY in entries:
         key = TOKENS_KEY
     elif len(entries) == 1:
         key = next(iter(entries))
     else:
-        raise ValueError(f"{path}: expected a key {TOKENS_KEY!r} or a single array, got keys {', '.join(entries)}")
+        raise ValueError(
+            f"tokens: {path} holds {len(entries)} arrays and none is named {TOKENS_KEY!r}; name one as "
+            f"FILE:KEY (--tokens {path}:KEY); {_some_keys(entries, _looks_like_tokens)}"
+        )
     return np.array(reader.read(key, None))
+
+
+def split_key(spec: str) -> tuple[str, Optional[str]]:
+    """``"FILE:KEY"`` -> ``("FILE", "KEY")``; a name that exists as a file, or has no ``:``
+    after its suffix, is a file alone."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, key = spec.rsplit(":", 1)
+    if not path or not key:
+        return spec, None
+    return path, key
 
 
 # -- layout ------------------------------------------------------------------------------------
@@ -141,33 +204,87 @@ def _select(path: Path, entries: dict[str, tuple], key: Optional[str]) -> dict[s
         return entries
     chosen = {k: s for k, s in entries.items() if fnmatch.fnmatchcase(k, key)}
     if not chosen:
-        raise ValueError(f"key: no array in {path} matches {key!r}; its keys: {', '.join(entries) or '(none)'}")
+        raise ValueError(f"key: no array in {path} matches {key!r}; {_some_keys(entries, _looks_like_patterns)}")
     return chosen
 
 
-def _layout(path: Path, entries: dict[str, tuple]) -> tuple[list[str], bool, tuple, int]:
+def _layout(path: Path, entries: dict[str, tuple], key: Optional[str] = None) -> tuple[list[str], bool, tuple, int]:
     """(layer keys in order, stacked?, layer shape, number of layers) after checking shapes."""
     if not entries:
         raise ValueError(f"{path}: expected arrays of attention patterns, found none")
     if len(entries) == 1:
-        (key, shape), = entries.items()
+        (only, shape), = entries.items()
         if len(shape) == 5:
-            return [key], True, (shape[0],) + tuple(shape[2:]), shape[1]
+            return [only], True, (shape[0],) + tuple(shape[2:]), shape[1]
+    # Several arrays that cannot all be layers, and nothing chose among them: say how to choose.
+    hint = "" if key is not None or len(entries) == 1 else (
+        f"; select the layer arrays with --key GLOB (key= in Python): {_some_keys(entries, _looks_like_patterns)}"
+    )
     keys = sorted(entries, key=natural_key)
     first = keys[0]
-    for key in keys:
-        shape = entries[key]
+    for name in keys:
+        shape = entries[name]
         if len(shape) != 4:
             raise ValueError(
                 f"{path}: expected one stacked array [batch, layer, head, n, n] or one [batch, head, n, n] "
-                f"array per layer, got {_label(key)} of shape {tuple(shape)}"
+                f"array per layer, got {_label(name)} of shape {tuple(shape)}{hint}"
             )
         if tuple(shape) != tuple(entries[first]):
             raise ValueError(
                 f"{path}: every layer must have the same shape; {_label(first)} is {tuple(entries[first])}, "
-                f"{_label(key)} is {tuple(shape)}"
+                f"{_label(name)} is {tuple(shape)}{hint}"
             )
     return keys, False, tuple(entries[first]), len(keys)
+
+
+def _tl_qk_keys(entries: dict[str, tuple]) -> Optional[tuple[str, str, int]]:
+    """(q key, k key templates, layers) of a saved TransformerLens cache without patterns."""
+    for q_key, k_key in _TL_QK:
+        n = 0
+        while q_key.format(n) in entries and k_key.format(n) in entries:
+            n += 1
+        if n:
+            return q_key, k_key, n
+    return None
+
+
+def _qk_layout(path: Path, entries: dict[str, tuple], q_key: str, k_key: str, n: int) -> tuple[list[str], list[str], tuple]:
+    qs = [q_key.format(layer) for layer in range(n)]
+    ks = [k_key.format(layer) for layer in range(n)]
+    for names in (qs, ks):
+        for name in names:
+            shape = tuple(entries[name])
+            if len(shape) != 4 or shape != tuple(entries[names[0]]):
+                raise ValueError(
+                    f"{path}: expected every {names[0].split('.')[-1]!r} array of shape (batch, n, heads, d_head) like "
+                    f"{names[0]!r} {tuple(entries[names[0]])}, got {name!r} of shape {shape}"
+                )
+    return qs, ks, tuple(entries[qs[0]])
+
+
+def _looks_like_patterns(name: str, shape: tuple) -> bool:
+    return len(shape) in (4, 5) and shape[-1] == shape[-2]
+
+
+def _looks_like_tokens(name: str, shape: tuple) -> bool:
+    return len(shape) in (1, 2) and "token" in name.lower()
+
+
+def _some_keys(entries: dict[str, tuple], likely: Optional[Callable[[str, tuple], bool]] = None) -> str:
+    """A short list of keys for an error message: those that fit (``likely``) first, with shapes,
+    at most a few, then how many more there are."""
+    if not entries:
+        return "it holds no arrays"
+    names = sorted(entries, key=natural_key)
+    if likely is not None and any(likely(k, tuple(entries[k])) for k in names):
+        names = [k for k in names if likely(k, tuple(entries[k]))]
+        what = "arrays of a fitting shape"
+    else:
+        what = "its arrays"
+    shown = ", ".join(f"{k!r} {tuple(entries[k])}" for k in names[:_SHOWN_KEYS])
+    more = f" and {len(names) - _SHOWN_KEYS} more" if len(names) > _SHOWN_KEYS else ""
+    total = f" (of {len(entries)})" if len(names) < len(entries) else ""
+    return f"{what}{total}: {shown}{more}"
 
 
 def _label(key: str) -> str:
@@ -175,6 +292,8 @@ def _label(key: str) -> str:
 
 
 def _check_exists(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
 
@@ -205,7 +324,30 @@ class _NpyReader:
             raise ValueError(f"{self.path}: not a readable .npy file ({exc})") from None
 
     def entries(self) -> dict[str, tuple]:
-        return {"": self._map().shape}
+        shape = self._check_header()
+        return {"": shape}
+
+    def _check_header(self) -> tuple:
+        """The array's shape from the header, after checking the file holds all its data (a
+        truncated file would otherwise fail deep inside mmap)."""
+        try:
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                data_start = f.tell()
+        except (ValueError, OSError, EOFError, struct.error) as exc:
+            raise ValueError(f"{self.path}: not a readable .npy file ({exc})") from None
+        if dtype.hasobject:
+            raise ValueError(f"{self.path}: not a readable .npy file (it holds Python objects, not numbers)")
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        have = self.path.stat().st_size - data_start
+        if have < need:
+            raise ValueError(
+                f"{self.path}: truncated: its header describes {dtype} data of shape {tuple(shape)} ({need} bytes), "
+                f"the file holds {have} bytes of it"
+            )
+        return tuple(shape)
 
     def read(self, key: str, layer: Optional[int]) -> np.ndarray:
         # A fresh mapping per call: once the caller drops the array, its pages leave the

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -25,6 +26,7 @@ def scan(
     layer_axis: int = 1,
     progress: bool = False,
     qk_options: Optional[Mapping[str, Any]] = None,
+    key: Optional[str] = None,
 ) -> HeadScores:
     """Scores every head of a model, from its attention patterns or its queries and keys.
 
@@ -44,7 +46,8 @@ def scan(
         - a ``(q, k)`` pair, each ``[batch, layer, n, heads, d_head]`` (or two per-layer lists of
           ``[batch, n, heads, d_head]``), scored by :func:`induct_fast.scores_from_qk` without
           ever forming an n x n matrix;
-        - a path to a ``.npy``/``.npz``/``.safetensors`` file (see :mod:`induct_fast.files`).
+        - a path to a ``.npy``/``.npz``/``.safetensors`` file (see :mod:`induct_fast.files`),
+          a saved TransformerLens cache (``np.savez(path, **cache)``) included.
     tokens : array_like of int, shape (n,) or (batch, n), optional
         Token ids; needed by ``duplicate_token`` and ``induction``. Defaults to the ``tokens``
         entry of a file source.
@@ -61,6 +64,9 @@ def scan(
     qk_options : mapping, optional
         Extra keyword arguments for ``scores_from_qk`` (``scale``, ``softcap``, ``window``,
         ``layout``, ...); they override the rules read from a cache's model.
+    key : str, optional
+        For a file path: a glob selecting its layer arrays (``"blocks.*.attn.hook_pattern"``,
+        ``"L2_rep_patterns"``), as ``induct-fast scan --key``.
 
     Returns
     -------
@@ -70,20 +76,30 @@ def scan(
 
     Notes
     -----
-    A stacked array is scored in one call (all heads in parallel). Every other source is read
+    A stacked array is scored in one call (all heads in parallel; with ``progress=True`` one
+    call per layer, so that the bar moves; the scores are the same). Every other source is read
     one layer at a time: each layer is scored and released before the next is taken, so memory
     holds one layer plus the ``[batch, layer, head]`` results. Layers must agree in shape.
+    An error about an element of one layer (NaN, inf) names its index in the whole
+    ``[batch, layer, ...]`` source, the layer axis included.
     """
     names = _kind_names(kinds, offsets)
-    layers = layers_of(source, layer_axis)
+    _check_kind_names(names)
+    layers = layers_of(source, layer_axis, key)
     if tokens is None:
         tokens = layers.tokens
     tokens = as_tokens(tokens)
     mask = as_key_mask(attention_mask)
+    if layers.prompts is not None:
+        _check_tokens(tokens, *layers.prompts)
     if layers.stacked is not None:
         stacked = layers.stacked
         _check_tokens(tokens, stacked.shape[0], stacked.shape[-1])
-        return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos, attention_mask=mask))
+        if not progress:
+            return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos, attention_mask=mask))
+        views = Layers("patterns", (stacked[:, layer] for layer in range(stacked.shape[1])), stacked.shape[1])
+        per_layer = _score_layers(views, _pattern_scorer(tokens, names, exclude_bos, mask), progress)
+        return HeadScores(_stack_layers(per_layer, names))
     if layers.kind == "qk":
         if qk_options is not None and not isinstance(qk_options, Mapping):
             raise TypeError(f"qk_options: expected a mapping of scores_from_qk keyword arguments, got {qk_options!r}")
@@ -99,7 +115,25 @@ def _score_layers(layers: Layers, score: Callable[[int, Any], dict], progress: b
     for index, item in enumerate(_progress(layers.items, layers.n_layers, progress)):
         # A lazy item is read here and referenced by `score` alone, so its memory (a file
         # layer's mapping) is released when `score` returns, before the next layer is read.
-        yield score(index, item() if layers.lazy else item)
+        try:
+            result = score(index, item() if layers.lazy else item)
+        except ValueError as exc:
+            raise _with_layer(exc, index) from None
+        yield result
+
+
+_ELEMENT = re.compile(r"^(patterns|q|k): (.*) at index \((\d+), ([\d, ]+)\)$")
+
+
+def _with_layer(exc: ValueError, layer: int) -> ValueError:
+    """An error about element (b, ...) of one layer's array, restated as element (b, layer, ...)
+    of the [batch, layer, ...] source (other errors are returned unchanged)."""
+    message = str(exc)
+    match = _ELEMENT.match(message)
+    if match is None:
+        return exc
+    name, what, batch, rest = match.groups()
+    return ValueError(f"{name}: {what} at index ({batch}, {layer}, {rest}) of the [batch, layer, ...] source")
 
 
 def _stack_layers(per_layer: Iterable[dict], names: list[str]) -> dict[str, np.ndarray]:
@@ -156,6 +190,16 @@ def _qk_scorer(
         return result
 
     return score
+
+
+def _check_kind_names(names: list[str]) -> None:
+    """Unknown kind names fail before any layer is read (with the kernel's own message)."""
+    from .scores import KINDS
+
+    unknown = [name for name in names if name not in KINDS and not re.fullmatch(r"offset_\d+", name)]
+    if unknown:
+        tiny = np.tril(np.ones((1, 1, 2, 2)))
+        head_scores(tiny, np.zeros(2, dtype=np.int64), kinds=unknown)
 
 
 def _check_tokens(tokens: Optional[np.ndarray], batch: int, n: int) -> None:

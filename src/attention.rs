@@ -8,6 +8,9 @@
 //!   computed tile by tile: for each query row, an online log-sum-exp over its keys (and the
 //!   entropy), then the logits of its target keys only. Extra memory is one
 //!   [`QUERY_TILE`] × [`KEY_TILE`] logit tile per thread plus O(n) per tile of rows.
+//! * [`scores_and_lse_from_qk`]: the same, with each row's log-sum-exp taken from the caller
+//!   (a flash kernel's, DESIGN.md section 11): then no logit tile is computed at all, only the
+//!   target logits, O(n · |T| · d_head) per head; and optionally handing the kernel's own back.
 //!
 //! Choices (documented for users in python/induct_fast/attention.py):
 //! * Precision: f16 and f32 inputs compute in f32 and give f32 patterns; f64 computes in f64.
@@ -34,6 +37,12 @@
 //!   half of that (81 -> 91 GFLOP/s on 128 × 256 × 64) at the price of copying the inputs.
 //! * Determinism: work is split into fixed (head, QUERY_TILE rows) blocks; every row is computed
 //!   by one task in a fixed key order, so results do not depend on the number of threads.
+//! * A given lse is one more source of the same per-row statistics ([`OnlineRow::from_lse`]:
+//!   max = lse, sum = 1), so the scoring code is shared with the online pass. It is read and
+//!   checked once, serially, before any work (the first bad value in C order is the one named);
+//!   a row's target probability is then e^(s_ij - lse_i) with s_ij from `Logits::logit`. The
+//!   cost is latency-bound: each recomputed logit is one index-order FMA chain over d_head
+//!   (what keeps it equal to the GEMM's), ~0.1 µs at d_head 64.
 
 mod compute;
 mod heads;
@@ -50,8 +59,9 @@ pub use heads::Layout;
 use heads::QkHeads;
 use softmax::{softmax_in_place, OnlineRow};
 
-use crate::error::{Error, Result};
-use crate::scores::{score_block, BlockTargets, QueryPlan, QueryRows, Reduce, ScoreOptions};
+use crate::error::{shape_str, Error, Result};
+use crate::scores::{score_block, BlockOut, BlockTargets, QueryPlan, QueryRows, Reduce, ScoreOptions};
+use crate::stack::{unravel, Real};
 use crate::targets::Kind;
 use crate::threads;
 
@@ -227,18 +237,162 @@ pub fn scores_from_qk<'a, T: QkElement>(
     score: ScoreOptions,
     reduce: Reduce,
 ) -> Result<ArrayD<f64>> {
+    let lse = LseOptions::default();
+    Ok(scores_and_lse_from_qk(q, k, tokens, mask, kinds, options, score, reduce, lse)?.0)
+}
+
+/// A log-sum-exp per query row, `[*lead, n_heads, n]`, of any float dtype and any strides.
+#[derive(Debug, Clone)]
+pub enum LseArray<'a> {
+    F64(ArrayViewD<'a, f64>),
+    F32(ArrayViewD<'a, f32>),
+    F16(ArrayViewD<'a, half::f16>),
+}
+
+impl LseArray<'_> {
+    /// The values as f64, in the array's shape (what `return_lse` hands back for a given lse).
+    fn to_f64(&self) -> ArrayD<f64> {
+        match self {
+            LseArray::F64(a) => a.to_owned(),
+            LseArray::F32(a) => a.mapv(f64::from),
+            LseArray::F16(a) => a.mapv(half::f16::to_f64),
+        }
+    }
+
+    /// The values of the rows that are scored (see [`read_lse`]), `[heads, n]` flat.
+    fn read<C: Compute>(&self, heads: &QkHeads<'_, C>) -> Result<Vec<f64>> {
+        match self {
+            LseArray::F64(a) => read_lse(a, heads),
+            LseArray::F32(a) => read_lse(a, heads),
+            LseArray::F16(a) => read_lse(a, heads),
+        }
+    }
+}
+
+/// Row log-sum-exps into and out of [`scores_and_lse_from_qk`].
+#[derive(Debug, Clone, Default)]
+pub struct LseOptions<'a> {
+    /// lse_i = ln sum_{j allowed} exp(s_ij), `[*lead, n_heads, n]`, natural log, over the
+    /// scaled, soft-capped logits and the keys the same rules allow (causal, window, padding).
+    pub given: Option<LseArray<'a>>,
+    /// Also return a `[*lead, n_heads, n]` f64 log-sum-exp: the kernel's own, or `given`.
+    pub return_lse: bool,
+}
+
+/// [`scores_from_qk`], with each row's log-sum-exp given and/or returned.
+///
+/// With `lse.given` and no whole-row kind (entropy), each target's probability is
+/// A[i, j] = exp(s_ij - lse_i), s_ij recomputed by the arithmetic of the logit tiles, and no
+/// tile is computed: O(n · |T| · d_head) per head instead of O(n² · d_head). With a whole-row
+/// kind the rows are computed exactly as without `given` (which is then checked but unused).
+/// `given` is read only at rows that are scored, i >= 1 and not padding; there it must be
+/// finite. It must come from the same q, k and rules: a wrong one gives wrong masses (possibly
+/// above 1), which are not detected. Not with `score.exclude_bos` (lse sums over key 0).
+///
+/// With `lse.return_lse`, the second value is `[*lead, n_heads, n]`: `given` as f64 where
+/// given, else the kernel's own lse_i for every row (padding rows included), -inf for a row
+/// with no allowed key.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_and_lse_from_qk<'a, T: QkElement>(
+    q: ArrayViewD<'a, T>,
+    k: ArrayViewD<'a, T>,
+    tokens: Option<ArrayViewD<'_, i64>>,
+    mask: Option<ArrayViewD<'a, bool>>,
+    kinds: &[Kind],
+    options: AttentionOptions,
+    score: ScoreOptions,
+    reduce: Reduce,
+    lse: LseOptions<'_>,
+) -> Result<(ArrayD<f64>, Option<ArrayD<f64>>)> {
     let heads = QkHeads::new(q, k, options.layout, mask.clone())?;
     let n = heads.n();
     let logits = Logits::<T::Compute>::new(&options, heads.d_head(), n)?;
     let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, &heads.heads_lead(), n, "q", score)?;
+    if score.exclude_bos {
+        refuse_lse_with_exclude_bos(&lse)?;
+    }
+    let given = lse.given.as_ref().map(|a| a.read(&heads)).transpose()?;
+    // Entropy needs every entry of its rows: they are computed, and then serve every kind.
+    let entropy = kinds.contains(&Kind::Entropy);
     let score_plan =
-        ScorePlan { logits, first_key: usize::from(score.exclude_bos), entropy: kinds.contains(&Kind::Entropy) };
-    plan.run(
+        ScorePlan { logits, first_key: usize::from(score.exclude_bos), entropy, given: given.filter(|_| !entropy) };
+    let mut shape = heads.heads_lead();
+    shape.push(n);
+    let mut own = (lse.return_lse && lse.given.is_none()).then(|| vec![f64::NAN; shape.iter().product()]);
+    let scores = plan.run(
         QUERY_TILE,
         reduce,
+        own.as_deref_mut(),
         || vec![<T::Compute as simd::Lane>::ZERO; QUERY_TILE * KEY_TILE],
         |tile, h, rows, targets, out| score_tile(&heads, h, rows, targets, &score_plan, tile, out),
-    )
+    )?;
+    let returned = match (lse.return_lse, &lse.given, own) {
+        (false, _, _) => None,
+        (true, Some(given), _) => Some(given.to_f64()),
+        (true, None, own) => {
+            let own = own.expect("an lse buffer when one is returned");
+            Some(ArrayD::from_shape_vec(IxDyn(&shape), own).expect("lse length matches its shape"))
+        }
+    };
+    Ok((scores, returned))
+}
+
+/// exclude_bos leaves key 0 out of every softmax; an lse sums over it.
+fn refuse_lse_with_exclude_bos(lse: &LseOptions<'_>) -> Result<()> {
+    if lse.given.is_some() {
+        return Err(Error::invalid(
+            "lse",
+            "None with exclude_bos=True (an lse sums over key 0, which exclude_bos leaves out of every softmax)",
+            "an lse array with exclude_bos=True",
+        ));
+    }
+    if lse.return_lse {
+        return Err(Error::invalid(
+            "return_lse",
+            "False with exclude_bos=True (the lse returned is over all allowed keys, as lse= takes it; \
+             exclude_bos scores rows without key 0)",
+            "return_lse=True with exclude_bos=True",
+        ));
+    }
+    Ok(())
+}
+
+/// A given lse `[*lead, n_heads, n]` as `[heads, n]` flat f64: its value at every row that is
+/// scored (query i >= 1, not padding), which must be finite, and -inf (not read) elsewhere:
+/// flash kernels leave -inf or NaN in fully masked rows.
+fn read_lse<L: Real, C: Compute>(lse: &ArrayViewD<'_, L>, heads: &QkHeads<'_, C>) -> Result<Vec<f64>> {
+    let n = heads.n();
+    let mut shape = heads.heads_lead();
+    shape.push(n);
+    if lse.shape() != shape.as_slice() {
+        return Err(Error::invalid(
+            "lse",
+            format!("shape {} (the [*lead, n_heads, n] of q: one value per query row of each head)", shape_str(&shape)),
+            format!("shape {}", shape_str(lse.shape())),
+        ));
+    }
+    let mut values = Vec::with_capacity(lse.len());
+    let mut valid = None;
+    for (flat, v) in lse.iter().enumerate() {
+        let (h, i) = (flat / n, flat % n);
+        if i == 0 {
+            valid = heads.key_mask(h);
+        }
+        if i == 0 || valid.as_ref().is_some_and(|m| !m[i]) {
+            values.push(f64::NEG_INFINITY);
+            continue;
+        }
+        let v = v.to_f64();
+        if !v.is_finite() {
+            return Err(Error::invalid(
+                "lse",
+                "finite values at every query that is scored (i >= 1, not padding)",
+                format!("{v} at index {}", shape_str(&unravel(flat, &shape)).replace(",)", ")")),
+            ));
+        }
+        values.push(v);
+    }
+    Ok(values)
 }
 
 /// A zero-filled vector, or None when the allocator refuses (never an abort).
@@ -322,6 +476,9 @@ struct ScorePlan<C> {
     /// 1 with exclude_bos: key 0 leaves the softmax, which renormalises the rest exactly.
     first_key: usize,
     entropy: bool,
+    /// Each row's given log-sum-exp, `[heads, n]` flat (-inf where not read), when it is used:
+    /// then the rows' normalisers come from it instead of the online pass.
+    given: Option<Vec<f64>>,
 }
 
 /// Scores rows `rows` of head h (see `scores::score_block`) through one reused logit tile.
@@ -332,15 +489,38 @@ fn score_tile<C: Compute>(
     targets: &BlockTargets,
     plan: &ScorePlan<C>,
     tile: &mut [C],
-    out: &mut [&mut [f64]],
+    out: &mut BlockOut,
 ) -> Result<crate::scores::Partial> {
     let (q, k, mask) = (heads.query(h), heads.key(h), heads.key_mask(h));
-    let online = online_rows(&q, &k, mask.as_ref(), rows.clone(), plan, tile);
-    if let Some(r) = online.iter().position(|row| !row.is_valid()) {
-        return Err(overflow(heads, h, rows.start + r));
+    // One normaliser per row, from the given lse or from the online pass over key tiles.
+    let online = match &plan.given {
+        Some(lse) => {
+            let n = heads.n();
+            lse[h * n + rows.start..h * n + rows.end].iter().map(|&v| OnlineRow::from_lse(v)).collect()
+        }
+        None => {
+            let online = online_rows(&q, &k, mask.as_ref(), rows.clone(), plan, tile);
+            if let Some(r) = online.iter().position(|row| !row.is_valid()) {
+                return Err(overflow(heads, h, rows.start + r));
+            }
+            online
+        }
+    };
+    if let Some(lse) = out.rows.as_deref_mut() {
+        lse.iter_mut().zip(&online).for_each(|(v, row)| *v = row.log_sum_exp());
     }
-    let block = FusedRows { query: &q, keys: &k, mask: mask.as_ref(), logits: plan.logits, start: rows.start, online };
-    score_block(&block, rows, targets, out)
+    let block = FusedRows {
+        heads,
+        h,
+        query: &q,
+        keys: &k,
+        mask: mask.as_ref(),
+        logits: plan.logits,
+        start: rows.start,
+        online,
+        given: plan.given.is_some(),
+    };
+    score_block(&block, rows, targets, &mut out.kinds)
 }
 
 /// The online softmax statistics of each row in `rows`, over its allowed keys, tile by tile;
@@ -380,17 +560,21 @@ fn online_rows<C: Compute>(
 }
 
 /// A block of rows of the never-stored pattern: A[i, j] = exp(s_ij - lse_i) for allowed keys.
-struct FusedRows<'v, C> {
+struct FusedRows<'v, 'h, C: Compute> {
+    heads: &'v QkHeads<'h, C>,
+    h: usize,
     query: &'v ArrayView2<'v, C>,
     keys: &'v ArrayView2<'v, C>,
     mask: Option<&'v ArrayView1<'v, bool>>,
     logits: Logits<C>,
     start: usize,
-    /// Online softmax statistics of rows start.. (all valid).
+    /// Softmax statistics of rows start.. (all valid): online, or from the given lse.
     online: Vec<OnlineRow>,
+    /// The statistics come from a given lse.
+    given: bool,
 }
 
-impl<C: Compute> QueryRows for FusedRows<'_, C> {
+impl<C: Compute> QueryRows for FusedRows<'_, '_, C> {
     fn entry(&self, i: usize, j: usize) -> f64 {
         let row = &self.online[i - self.start];
         let n = self.keys.nrows();
@@ -412,9 +596,22 @@ impl<C: Compute> QueryRows for FusedRows<'_, C> {
         Ok(self.online[i - self.start].entropy())
     }
 
-    /// Unreachable in practice: rows were checked valid, so every probability is finite.
-    fn non_finite(&self, i: usize, _columns: &[usize]) -> Error {
-        Error::invalid("q", "finite logits scale·q·k", format!("a non-finite probability at query {i}"))
+    /// Online rows were checked valid, so only a given lse gets here: a target logit that
+    /// overflowed (the online pass would have seen it), else an lse far below the logits.
+    fn non_finite(&self, i: usize, columns: &[usize]) -> Error {
+        let logit = |j: usize| self.logits.logit(self.query.row(i), self.keys.row(j));
+        if !self.given || columns.iter().any(|&j| !Compute::is_finite(logit(j))) {
+            return overflow(self.heads, self.h, i);
+        }
+        Error::invalid(
+            "lse",
+            "the log-sum-exp of the same q, k and rules (exp(s_ij - lse_i) <= 1)",
+            format!(
+                "{} at query {i} of head {}, which makes its attention mass overflow",
+                self.online[i - self.start].log_sum_exp(),
+                self.heads.index_str(self.h)
+            ),
+        )
     }
 }
 
@@ -766,5 +963,167 @@ mod tests {
         mask[[1, 0]] = false;
         let e = fused_err(&q, None, Some(&mask), &[Kind::PreviousToken], AttentionOptions::default(), no_bos);
         assert!(e.starts_with("exclude_bos:") && e.contains("attention_mask") && e.contains("prompt 1"), "{e}");
+    }
+
+    /// Per-query `scores_and_lse_from_qk` of f32 q, k with an lse request.
+    fn with_lse(
+        q: &ArrayD<f32>,
+        k: &ArrayD<f32>,
+        tokens: &ArrayD<i64>,
+        mask: Option<&ArrayD<bool>>,
+        kinds: &[Kind],
+        opts: AttentionOptions,
+        lse: LseOptions<'_>,
+    ) -> Result<(ArrayD<f64>, Option<ArrayD<f64>>)> {
+        let (m, t) = (mask.map(|m| m.view()), Some(tokens.view()));
+        scores_and_lse_from_qk(q.view(), k.view(), t, m, kinds, opts, ScoreOptions::default(), Reduce::PerQuery, lse)
+    }
+
+    fn bits(a: &ArrayD<f64>) -> Vec<u64> {
+        a.iter().map(|v| v.to_bits()).collect()
+    }
+
+    fn given(lse: &ArrayD<f64>) -> LseOptions<'_> {
+        LseOptions { given: Some(LseArray::F64(lse.view())), return_lse: false }
+    }
+
+    /// The kernel's own lse equals the reference log-sum-exp of every row (padding rows too,
+    /// -inf without an allowed key), and given back it reproduces the scores; a row's normaliser
+    /// really is the given one (lse + ln 2 halves every mass), and entropy ignores it.
+    #[test]
+    fn given_lse_reproduces_the_scores_and_is_what_normalises() {
+        let (n, d) = (530, 16);
+        let q = noise(&[2, n, 4, d], 21) * 4.0;
+        let k = noise(&[2, n, 2, d], 22) * 4.0;
+        let tokens = Array::from_shape_fn(IxDyn(&[2, n]), |ix| ((ix[1] * 3 + ix[0]) % 17) as i64);
+        let mask = Array::from_shape_fn(IxDyn(&[2, n]), |ix| if ix[0] == 0 { ix[1] >= 7 } else { ix[1] < n - 30 });
+        let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction, Kind::Bos, Kind::Offset(300)];
+        for opts in [
+            AttentionOptions::default(),
+            AttentionOptions { softcap: Some(2.5), window: Some(260), ..Default::default() },
+            AttentionOptions { causal: false, ..Default::default() },
+        ] {
+            let ask = LseOptions { given: None, return_lse: true };
+            let (plain, lse) = with_lse(&q, &k, &tokens, Some(&mask), &kinds, opts, ask).unwrap();
+            let lse = lse.unwrap();
+            assert_eq!(lse.shape(), &[2, 4, n]);
+            // Against the f64 reference softmax's normaliser, row by row.
+            for (b, head) in [(0, 1), (1, 3)] {
+                let (qh, kh) = (q.slice(ndarray::s![b, .., head, ..]), k.slice(ndarray::s![b, .., head / 2, ..]));
+                let m: Vec<bool> = mask.slice(ndarray::s![b, ..]).to_vec();
+                // The f32 logits as the kernel rounds them, then an f64 log-sum-exp.
+                let logits = Logits::<f32>::new(&opts, d, n).unwrap();
+                for i in 0..n {
+                    let allowed = |j: usize| (!opts.causal || j <= i) && opts.window.is_none_or(|w| j + w > i) && m[j];
+                    let logits: Vec<f64> =
+                        (0..n).filter(|&j| allowed(j)).map(|j| logits.logit(qh.row(i), kh.row(j)) as f64).collect();
+                    let want = match logits.iter().cloned().reduce(f64::max) {
+                        None => f64::NEG_INFINITY,
+                        Some(top) => top + logits.iter().map(|s| (s - top).exp()).sum::<f64>().ln(),
+                    };
+                    let got = lse[[b, head, i]];
+                    assert!(got == want || (got - want).abs() < 1e-6, "{opts:?} ({b}, {head}, {i}): {got} vs {want}");
+                }
+            }
+            let (again, echoed) = with_lse(&q, &k, &tokens, Some(&mask), &kinds, opts, given(&lse)).unwrap();
+            assert_close(&again, &plain, 1e-12, &format!("{opts:?}"));
+            assert!(echoed.is_none());
+            let shifted = &lse + 2f64.ln();
+            let halved = with_lse(&q, &k, &tokens, Some(&mask), &kinds, opts, given(&shifted)).unwrap().0;
+            for (h, p) in halved.iter().zip(plain.iter()) {
+                assert!(h.is_nan() == p.is_nan() && (h.is_nan() || (h - p / 2.0).abs() <= 1e-12 * p), "{h} vs {p}");
+            }
+            // With entropy every row is computed, the given lse unused: the same bits.
+            let mut all = kinds.to_vec();
+            all.push(Kind::Entropy);
+            let none = LseOptions::default();
+            let whole = with_lse(&q, &k, &tokens, Some(&mask), &all, opts, none).unwrap().0;
+            let ignored = with_lse(&q, &k, &tokens, Some(&mask), &all, opts, given(&shifted)).unwrap().0;
+            assert_eq!(bits(&whole), bits(&ignored));
+            // return_lse with a given lse hands it back as f64, whatever its dtype.
+            let narrow = lse.mapv(|v| v as f32);
+            let ask = LseOptions { given: Some(LseArray::F32(narrow.view())), return_lse: true };
+            let echoed = with_lse(&q, &k, &tokens, Some(&mask), &kinds, opts, ask).unwrap().1.unwrap();
+            assert_eq!(echoed, narrow.mapv(f64::from));
+        }
+    }
+
+    #[test]
+    fn given_lse_is_checked() {
+        let (n, d) = (40, 8);
+        let q = noise(&[2, n, 2, d], 23);
+        let k = noise(&[2, n, 1, d], 24);
+        let tokens = Array::from_shape_fn(IxDyn(&[n]), |ix| (ix[0] % 5) as i64);
+        let mut mask = Array::from_elem(IxDyn(&[2, n]), true);
+        mask[[1, 0]] = false;
+        mask[[1, 9]] = false;
+        let kinds = [Kind::PreviousToken, Kind::Induction];
+        let ask = LseOptions { given: None, return_lse: true };
+        let lse = with_lse(&q, &k, &tokens, Some(&mask), &kinds, AttentionOptions::default(), ask).unwrap().1.unwrap();
+        let err = |lse: ArrayD<f64>, kinds: &[Kind]| {
+            let opts = AttentionOptions::default();
+            with_lse(&q, &k, &tokens, Some(&mask), kinds, opts, given(&lse)).map(|r| r.0).map_err(|e| e.to_string())
+        };
+        let e = err(lse.slice(ndarray::s![.., .., 1..]).to_owned().into_dyn(), &kinds).unwrap_err();
+        assert_eq!(e, "lse: expected shape (2, 2, 40) (the [*lead, n_heads, n] of q: one value per query row of each head), got shape (2, 2, 39)");
+        let e = err(lse.slice(ndarray::s![0, .., ..]).to_owned().into_dyn(), &kinds).unwrap_err();
+        assert!(e.contains("got shape (2, 40)"), "{e}");
+        // Rows never scored (query 0, padding queries) are not read: anything goes there.
+        let mut junk = lse.clone();
+        junk.slice_mut(ndarray::s![.., .., 0]).fill(f64::NAN);
+        junk[[1, 0, 9]] = f64::NEG_INFINITY;
+        junk[[1, 1, 9]] = f64::INFINITY;
+        assert_eq!(bits(&err(junk.clone(), &kinds).unwrap()), bits(&err(lse.clone(), &kinds).unwrap()));
+        for (index, v) in [([0, 1, 5], f64::NAN), ([1, 0, 10], f64::NEG_INFINITY), ([1, 1, 39], f64::INFINITY)] {
+            let mut bad = junk.clone();
+            bad[index] = v;
+            for kinds in [&kinds[..], &[Kind::PreviousToken, Kind::Entropy]] {
+                let e = err(bad.clone(), kinds).unwrap_err();
+                let want = format!("{v} at index ({}, {}, {})", index[0], index[1], index[2]);
+                assert!(
+                    e.starts_with("lse: expected finite values at every query that is scored") && e.ends_with(&want),
+                    "{e}"
+                );
+            }
+        }
+        // An lse far below the logits overflows a mass: an error naming lse, never inf.
+        let e = err(&lse - 800.0, &kinds).unwrap_err();
+        assert!(e.starts_with("lse: ") && e.contains("overflow"), "{e}");
+        // exclude_bos leaves key 0 out; an lse includes it: refused, given or returned.
+        let no_bos = ScoreOptions { exclude_bos: true };
+        let opts = AttentionOptions::default();
+        for (lse, arg) in [(given(&lse), "lse"), (LseOptions { given: None, return_lse: true }, "return_lse")] {
+            let e =
+                scores_and_lse_from_qk(q.view(), k.view(), None, None, &kinds[..1], opts, no_bos, Reduce::Mean, lse)
+                    .unwrap_err();
+            assert!(e.arg == arg && e.to_string().contains("exclude_bos=True"), "{e}");
+        }
+        // f16 lse is read too.
+        let half_lse = lse.mapv(half::f16::from_f64);
+        let given = LseOptions { given: Some(LseArray::F16(half_lse.view())), return_lse: false };
+        let r = with_lse(&q, &k, &tokens, Some(&mask), &kinds, AttentionOptions::default(), given).unwrap().0;
+        assert_close(&r, &err(lse.clone(), &kinds).unwrap(), 2e-2, "f16 lse");
+    }
+
+    /// Given or computed, the lse path gives the same bits for any number of threads.
+    #[test]
+    fn lse_results_do_not_depend_on_scheduling() {
+        let (n, d) = (700, 16);
+        let q = noise(&[1, n, 2, d], 25);
+        let k = noise(&[1, n, 2, d], 26);
+        let tokens = Array::from_shape_fn(IxDyn(&[n]), |ix| (ix[0] % 11) as i64);
+        let kinds = [Kind::PreviousToken, Kind::DuplicateToken];
+        let run = || {
+            let ask = LseOptions { given: None, return_lse: true };
+            let (a, lse) = with_lse(&q, &k, &tokens, None, &kinds, AttentionOptions::default(), ask).unwrap();
+            let lse = lse.unwrap();
+            let b = with_lse(&q, &k, &tokens, None, &kinds, AttentionOptions::default(), given(&lse)).unwrap();
+            [a, lse, b.0].iter().flat_map(|x| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
+        let _guard = threads::RESIZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        threads::set_num_threads(1).unwrap();
+        let one = run();
+        threads::set_num_threads(3).unwrap();
+        assert_eq!(one, run());
     }
 }

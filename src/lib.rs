@@ -16,7 +16,9 @@ pub mod threads;
 #[cfg(feature = "python")]
 mod bindings;
 
-pub use attention::{attention_patterns, scores_from_qk, AttentionOptions, Layout};
+pub use attention::{
+    attention_patterns, scores_and_lse_from_qk, scores_from_qk, AttentionOptions, Layout, LseArray, LseOptions,
+};
 pub use error::{Error, Result};
 pub use losses::token_losses;
 pub use scores::{

@@ -83,16 +83,25 @@ fn stored_scores<T: Real>(
     plan.run(
         BLOCK_ROWS,
         reduce,
+        None,
         || (),
         |_, h, rows, targets, out| {
             let block = StoredRows::new(&stack, h, rows.clone(), options)?;
-            score_block(&block, rows, targets, out)
+            score_block(&block, rows, targets, &mut out.kinds)
         },
     )
 }
 
 /// (sum, count) of the eligible per-query values of each kind over one block of rows.
 pub(crate) type Partial = Vec<(f64, usize)>;
+
+/// Where one block of rows writes its outputs.
+pub(crate) struct BlockOut<'o> {
+    /// Per-query values, one slice per kind (the block's rows); empty unless `Reduce::PerQuery`.
+    pub(crate) kinds: Vec<&'o mut [f64]>,
+    /// One value per row of the block, when the caller of [`QueryPlan::run`] asked for them.
+    pub(crate) rows: Option<&'o mut [f64]>,
+}
 
 /// A validated per-query request: the kinds, the token chain serving every head and which
 /// positions are real tokens. Shared by the scores over stored patterns and the fused scores
@@ -164,12 +173,20 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
 
     /// Scores every block of `block_rows` rows of every head in parallel with
     /// `score(scratch, head, rows, targets, out)` (`scratch` made by `init` once per worker
-    /// split; `out` one slice per kind, empty unless per-query values are wanted), then
+    /// split; `out.kinds` one slice per kind, empty unless per-query values are wanted;
+    /// `out.rows` the block's part of `row_values`, `[*lead, n]` in C order, when given), then
     /// assembles `reduce`'s output. Blocks are combined in a fixed order.
-    pub(crate) fn run<S, I, F>(&self, block_rows: usize, reduce: Reduce, init: I, score: F) -> Result<ArrayD<f64>>
+    pub(crate) fn run<S, I, F>(
+        &self,
+        block_rows: usize,
+        reduce: Reduce,
+        row_values: Option<&mut [f64]>,
+        init: I,
+        score: F,
+    ) -> Result<ArrayD<f64>>
     where
         I: Fn() -> S + Sync + Send,
-        F: Fn(&mut S, usize, Range<usize>, &BlockTargets, &mut [&mut [f64]]) -> Result<Partial> + Sync + Send,
+        F: Fn(&mut S, usize, Range<usize>, &BlockTargets, &mut BlockOut) -> Result<Partial> + Sync + Send,
     {
         assert!((1..=BLOCK_ROWS).contains(&block_rows), "blocks of 1..={BLOCK_ROWS} rows");
         let (n_kinds, n) = (self.kinds.len(), self.n);
@@ -177,17 +194,23 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
         let blocks = row_blocks(n_heads, n, block_rows);
         let mut values = (reduce == Reduce::PerQuery).then(|| vec![f64::NAN; n_kinds * n_heads * n]);
         let outs = split_outputs(values.as_deref_mut(), blocks.len(), n_heads, n, block_rows);
+        if let Some(r) = &row_values {
+            assert_eq!(r.len(), n_heads * n, "one row value per row of every head");
+        }
+        let row_outs = split_outputs(row_values, blocks.len(), n_heads, n, block_rows);
         let partials: Vec<Partial> = threads::install(|| {
             blocks
                 .par_iter()
                 .zip(outs)
-                .map_init(init, |scratch, ((h, rows), mut out)| {
+                .zip(row_outs)
+                .map_init(init, |scratch, (((h, rows), kinds), mut row_out)| {
                     let chain = self.chains.get(self.group_of[*h]);
                     let targets = BlockTargets {
                         kinds: self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect(),
                         valid: self.mask.as_ref().map(|m| m.row(*h)),
                         first_key: self.first_key,
                     };
+                    let mut out = BlockOut { kinds, rows: row_out.pop() };
                     score(scratch, *h, rows.clone(), &targets, &mut out)
                 })
                 .collect::<Result<_>>()
@@ -222,7 +245,8 @@ fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize,
     Ok(totals.into_iter().map(|(sum, count)| if count == 0 { f64::NAN } else { sum / count as f64 }).collect())
 }
 
-/// Per block (in `row_blocks` order), one output slice per kind; empty lists without `out`.
+/// Per block (in `row_blocks` order), one output slice per slab of `n_heads * n` values of `out`
+/// (one per kind, or a single one of per-row values); empty lists without `out`.
 fn split_outputs(
     out: Option<&mut [f64]>,
     n_blocks: usize,

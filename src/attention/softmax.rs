@@ -12,6 +12,10 @@
 //!
 //! so that at the end log-sum-exp = m + ln l and the entropy -sum p ln p = ln l - w / l. The
 //! merge is in f64, one per row and tile; the per-element work is in the compute precision.
+//!
+//! A row whose log-sum-exp is given (by the attention kernel that ran the model) is the same
+//! statistics with nothing left to add: m = lse, l = 1 ([`OnlineRow::from_lse`]), so a target's
+//! probability is e^(s - lse) through the very code that serves the online rows.
 
 use super::compute::Compute;
 
@@ -26,6 +30,16 @@ pub struct OnlineRow {
 impl OnlineRow {
     /// No key seen yet (or every key masked): log-sum-exp -inf, entropy 0.
     pub const EMPTY: OnlineRow = OnlineRow { max: f64::NEG_INFINITY, sum: 0.0, weighted: 0.0 };
+
+    /// A row whose log-sum-exp is known: m = lse, l = 1 (w unused: no entropy from it). -inf is
+    /// a row with no allowed key ([`OnlineRow::EMPTY`]).
+    pub fn from_lse(lse: f64) -> OnlineRow {
+        if lse == f64::NEG_INFINITY {
+            OnlineRow::EMPTY
+        } else {
+            OnlineRow { max: lse, sum: 1.0, weighted: 0.0 }
+        }
+    }
 
     /// Adds a tile of logits; masked keys are -inf. `entropy` also accumulates w.
     pub fn add<C: Compute>(&mut self, s: &[C], entropy: bool) {
@@ -65,7 +79,6 @@ impl OnlineRow {
     }
 
     /// ln sum_j e^(s_j); -inf for an empty row.
-    #[cfg(test)]
     pub fn log_sum_exp(&self) -> f64 {
         if self.is_empty() {
             f64::NEG_INFINITY
@@ -148,6 +161,21 @@ mod tests {
             assert!((row32.log_sum_exp() - lse).abs() < 1e-6);
             assert!((row32.entropy() - entropy).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_given_log_sum_exp_serves_like_the_online_row() {
+        let s: Vec<f64> = (0..300).map(|i| ((i * 37 % 101) as f64 - 50.0) / 3.0).collect();
+        let mut online = OnlineRow::EMPTY;
+        online.add(&s, false);
+        let given = OnlineRow::from_lse(online.log_sum_exp());
+        assert_eq!(given.log_sum_exp(), online.log_sum_exp());
+        for &v in &s {
+            let (p, q) = (given.probability(v), online.probability(v));
+            assert!((p - q).abs() <= 1e-14 * q, "{v}: {p} vs {q}");
+        }
+        let empty = OnlineRow::from_lse(f64::NEG_INFINITY);
+        assert!(empty.is_empty() && empty.probability(1.0) == 0.0);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::attention::{self, AttentionOptions, Layout};
+use crate::attention::{self, AttentionOptions, Layout, LseArray, LseOptions};
 use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions};
 use crate::targets::Kind;
 use crate::{losses, threads, Error};
@@ -181,8 +181,13 @@ fn attention_patterns<'py>(
 }
 
 /// Fused scores per query `[kinds, *lead, n_heads, n]`, or their means when `per_query` is false.
+/// With `lse` (`[*lead, n_heads, n]`, any float dtype) the rows' normalisers come from it; with
+/// `return_lse` the result is a tuple (scores, lse `[*lead, n_heads, n]` float64).
 #[pyfunction]
-#[pyo3(signature = (q, k, tokens, kinds, scale, causal, attention_mask, layout, exclude_bos, per_query, softcap, window))]
+#[pyo3(signature = (
+    q, k, tokens, kinds, scale, causal, attention_mask, layout, exclude_bos, per_query, softcap, window,
+    lse = None, return_lse = false
+))]
 #[allow(clippy::too_many_arguments)]
 fn scores_from_qk<'py>(
     py: Python<'py>,
@@ -198,17 +203,31 @@ fn scores_from_qk<'py>(
     per_query: bool,
     softcap: Option<f64>,
     window: Option<usize>,
-) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+    lse: Option<FloatArray<'py>>,
+    return_lse: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let kinds = parse_kinds(&kinds)?;
     let options = attention_options(scale, causal, softcap, window, layout)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let mask = attention_mask.as_ref().map(|m| m.as_array());
     let score = ScoreOptions { exclude_bos };
-    with_qk_views!(&q, &k, |qv, kv| {
-        let result =
-            py.detach(|| attention::scores_from_qk(qv, kv, tokens, mask, &kinds, options, score, reduce(per_query)));
-        Ok(result.map_err(value_error)?.into_pyarray(py))
-    })
+    let given = lse.as_ref().map(|a| match a {
+        FloatArray::F64(a) => LseArray::F64(a.as_array()),
+        FloatArray::F32(a) => LseArray::F32(a.as_array()),
+        FloatArray::F16(a) => LseArray::F16(a.as_array()),
+    });
+    let lse = LseOptions { given, return_lse };
+    let (scores, lse) = with_qk_views!(&q, &k, |qv, kv| {
+        py.detach(|| {
+            attention::scores_and_lse_from_qk(qv, kv, tokens, mask, &kinds, options, score, reduce(per_query), lse)
+        })
+        .map_err(value_error)
+    })?;
+    let scores = scores.into_pyarray(py).into_any();
+    match lse {
+        None => Ok(scores),
+        Some(lse) => Ok((scores, lse.into_pyarray(py)).into_pyobject(py)?.into_any()),
+    }
 }
 
 /// Per-token cross-entropy `[*lead, n - 1]` from logits `[*lead, n, vocab]` and tokens `[*lead, n]`.

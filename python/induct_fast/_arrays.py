@@ -137,7 +137,8 @@ def as_key_mask(mask: Any, name: str = "attention_mask") -> np.ndarray | None:
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name}: expected 0/1 key flags (1 = real token, 0 = padding), got {arr[index].item()!r} at index {index}")
-    return arr != 0
+    flags: np.ndarray = arr != 0
+    return flags
 
 
 def as_seed(seed: Any, name: str = "seed") -> Optional[int]:
@@ -162,7 +163,7 @@ def as_softcap(softcap: Any, name: str = "softcap") -> Optional[float]:
         return None
     if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"{name}: expected a real number > 0 or None, got {softcap!r}")
-    if not (math.isfinite(softcap) and softcap > 0):
+    if not (math.isfinite(softcap) and float(softcap) > 0):
         raise ValueError(f"{name}: expected a finite number > 0 or None, got {softcap!r}")
     return float(softcap)
 

@@ -1,10 +1,21 @@
 """Type stubs for the Rust extension. Call the wrappers in induct_fast.scores instead: they
 normalise dtypes and give friendly errors; these take prepared arrays only."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "head_scores",
+    "detection_scores",
+    "attention_patterns",
+    "scores_from_qk",
+    "token_losses",
+    "set_num_threads",
+    "get_num_threads",
+    "__version__",
+]
 
 __version__: str
 
@@ -57,9 +68,14 @@ def scores_from_qk(
     per_query: bool,
     softcap: Optional[float],
     window: Optional[int],
-) -> npt.NDArray[np.float64]:
+    lse: Optional[npt.NDArray[np.floating]] = None,
+    return_lse: bool = False,
+) -> Union[npt.NDArray[np.float64], tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
     """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means;
-    padding positions (attention_mask False) are neither queries nor targets."""
+    padding positions (attention_mask False) are neither queries nor targets. With ``lse``
+    ([*lead, n_heads, n], float16/32/64) each row's normaliser is taken from it (unless
+    ``entropy`` is asked for) and only target logits are computed; with ``return_lse`` the
+    result is (scores, lse [*lead, n_heads, n] float64: the kernel's own, or ``lse`` as given)."""
 
 def token_losses(
     logits: npt.NDArray[np.floating],

@@ -51,11 +51,16 @@ Choices
   division loses every digit when A[i, 0] is within ~1e-7 of 1 (an attention sink), so there the
   fused scores are the accurate ones.
 * GEMM: matrixmultiply (see src/attention.rs for the measurements behind the choice).
+* A given log-sum-exp (DESIGN.md section 11): ``scores_from_qk(..., lse=L)`` takes each row's
+  normaliser from the attention kernel that ran the model (FlashAttention's ``softmax_lse``,
+  the logsumexp output of torch's flash SDPA ops) and computes only the target logits:
+  O(n * |T| * d_head) per head instead of O(n^2 d_head). ``return_lse=True`` hands back the
+  kernel's own, so one full pass can serve many later calls.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional, Union, overload
 
 import numpy as np
 
@@ -152,6 +157,7 @@ def attention_patterns(
     return _core.attention_patterns(q, k, o["scale"], o["causal"], mask, o["layout"], o["softcap"], o["window"])
 
 
+@overload
 def scores_from_qk(
     q: Any,
     k: Any,
@@ -167,7 +173,50 @@ def scores_from_qk(
     per_query: bool = False,
     softcap: Optional[float] = None,
     window: Optional[int] = None,
-) -> dict[str, np.ndarray]:
+    lse: Any = None,
+    return_lse: Literal[False] = False,
+) -> dict[str, np.ndarray]: ...
+
+
+@overload
+def scores_from_qk(
+    q: Any,
+    k: Any,
+    tokens: Any = None,
+    *,
+    kinds: KindArg = DEFAULT_KINDS,
+    offsets: Iterable[int] = (),
+    scale: Optional[float] = None,
+    causal: bool = True,
+    attention_mask: Any = None,
+    layout: str = "bnhd",
+    exclude_bos: bool = False,
+    per_query: bool = False,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    lse: Any = None,
+    return_lse: Literal[True],
+) -> tuple[dict[str, np.ndarray], np.ndarray]: ...
+
+
+def scores_from_qk(
+    q: Any,
+    k: Any,
+    tokens: Any = None,
+    *,
+    kinds: KindArg = DEFAULT_KINDS,
+    offsets: Iterable[int] = (),
+    scale: Optional[float] = None,
+    causal: bool = True,
+    attention_mask: Any = None,
+    layout: str = "bnhd",
+    exclude_bos: bool = False,
+    per_query: bool = False,
+    softcap: Optional[float] = None,
+    window: Optional[int] = None,
+    lse: Any = None,
+    return_lse: bool = False,
+) -> Union[dict[str, np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]:
     """Head scores of the attention of q and k, without forming the n x n patterns.
 
     Equal (to ~1e-6) to ``head_scores(attention_patterns(q, k, scale=..., causal=...,
@@ -195,13 +244,35 @@ def scores_from_qk(
         An ``attention_mask`` with padding at position 0 (left padding) is then a ValueError.
     per_query : bool
         Return per-query values, shape (*lead, n_heads, n), NaN where not eligible.
+    lse : array_like, shape (*lead, n_heads, n), optional
+        Each query row's log-sum-exp, ``lse[..., h, i] = log sum_{j allowed} exp(s_ij)``
+        (natural log) over the scaled, soft-capped logits s_ij and the keys the same rules allow
+        (causal, ``window``, ``attention_mask`` padding keys): what flash-style attention kernels
+        return (FlashAttention's ``softmax_lse``, torch's flash SDPA ops' logsumexp; for
+        ``layout="bnhd"`` input too the lse is ``[*lead, n_heads, n]``). float16/32/64 (bfloat16
+        torch tensors are widened to float32), any strides, CPU torch tensors. Then no logit
+        tile is computed: for each target j of query i, A[i, j] = exp(s_ij - lse_i), with s_ij
+        recomputed by the same arithmetic as without ``lse``. It is read only at the rows that
+        are scored (i >= 1, not padding), which must be finite; the others (query 0, padding
+        queries, where flash kernels leave -inf or NaN) may hold anything. It must come from the
+        same q, k, scale, softcap, window and mask: a wrong lse gives wrong masses (possibly
+        above 1), which are not detected. With a whole-row kind (``entropy``) the rows are
+        computed exactly as without ``lse``, for every kind, and the given lse is checked but
+        not used. ``exclude_bos=True`` with ``lse`` is a ValueError (an lse sums over key 0).
+    return_lse : bool
+        Also return the log-sum-exp of every row, a float64 array ``(*lead, n_heads, n)``: the
+        kernel's own (every row is computed, padding rows too; -inf for a row with no allowed
+        key, such as a left-padding row under the causal mask), ready to pass back as ``lse``;
+        or, when ``lse`` is given, that lse as float64, unchanged. Not with
+        ``exclude_bos=True`` (ValueError): its rows leave key 0 out.
 
     Returns
     -------
-    dict of str to ndarray of float64
+    dict of str to ndarray of float64, or (dict, ndarray) with ``return_lse=True``
         One array per kind, shape ``(*lead, n_heads)`` (or ``(*lead, n_heads, n)``): the mean
         over eligible queries (i >= 1 a real token, T(i) without padding keys non-empty) of
-        sum_{j in T(i)} A[i, j]. A target outside the window counts with A[i, j] = 0.
+        sum_{j in T(i)} A[i, j]. A target outside the window counts with A[i, j] = 0. With
+        ``return_lse=True``, the tuple ``(scores, lse)``.
 
     Notes
     -----
@@ -213,17 +284,41 @@ def scores_from_qk(
     memory O(threads x 128 x 256) plus O(n) per head: n = 32k fits in a few MB.
     Releases the GIL; results are bit-identical for any number of threads.
 
+    With ``lse`` (and no whole-row kind) the cost is O(n * |T| * d_head) per head: one dot
+    product per target, where |T| is the number of targets of a query summed over the kinds
+    (1 for positional kinds; the earlier occurrences of a token for ``duplicate_token`` and
+    ``induction``). A row that has no target costs nothing.
+
+    Precision with ``lse``: an error delta in lse_i and epsilon in the recomputed logit s_ij
+    make A[i, j] off by a factor exp(epsilon - delta), a relative error of about
+    |delta| + |epsilon|, and a mass (a sum of such probabilities) by at most the same relative
+    amount. The lse of a float32 kernel (bf16 and fp16 kernels keep theirs in float32) is a
+    float32 of magnitude L: rounding alone puts it 2^-24 * |L| from its float64 value, and the
+    kernel's own arithmetic a few more ulp, so |delta| <= ~2 * 2^-24 * max(1, |L|) (1.2e-7
+    relative at |L| <= 1, 1.2e-6 at |L| = 10). epsilon is the difference between the float32
+    logit that kernel summed and the one recomputed here: each float32 dot product is within
+    about d_head * 2^-24 * sum_p |q_p k_p| of the exact one, so
+    |epsilon| <= ~2 * d_head * 2^-24 * scale * sum_p |q_p k_p| (and 0 for an lse from
+    ``return_lse``, which comes from the very same logits). A float64 lse adds only float64
+    rounding. Without ``lse`` nothing changes.
+
     Examples
     --------
     >>> import numpy as np, induct_fast as inf
     >>> q = np.zeros((4, 1, 8), np.float32)
     >>> inf.scores_from_qk(q, q, kinds="previous_token")["previous_token"]  # (1/2 + 1/3 + 1/4) / 3
     array([0.36111111])
+    >>> scores, lse = inf.scores_from_qk(q, q, kinds="self", return_lse=True)
+    >>> lse[0]  # log(i + 1): every logit is 0
+    array([0.        , 0.69314718, 1.09861229, 1.38629436])
+    >>> inf.scores_from_qk(q, q, kinds="self", lse=lse)["self"]  # no logit tile computed
+    array([0.36111111])
     """
     names = _kind_names(kinds, offsets)
     q, k = _qk(q, k)
     o = _options(scale, causal, layout, softcap, window)
-    values = _core.scores_from_qk(
+    given = None if lse is None else as_float_array(lse, "lse", integers=False)
+    result = _core.scores_from_qk(
         q,
         k,
         as_tokens(tokens),
@@ -236,5 +331,10 @@ def scores_from_qk(
         bool(per_query),
         o["softcap"],
         o["window"],
+        given,
+        bool(return_lse),
     )
-    return {name: values[i] for i, name in enumerate(names)}
+    if isinstance(result, tuple):  # return_lse
+        values, lse_out = result
+        return {name: values[i] for i, name in enumerate(names)}, lse_out
+    return {name: result[i] for i, name in enumerate(names)}

@@ -1,5 +1,6 @@
 """A slow, obvious numpy oracle for the scores of DESIGN.md section 4 and the attention of
-section 5 (with the soft cap, sliding window and padding of section 10).
+section 5 (with the soft cap, sliding window and padding of section 10, and the row log-sum-exp of
+section 11).
 
 Written from the DESIGN.md table and the fixture README's description of TransformerLens, not
 from the Rust code: dense 0/1 target masks D[i, j], explicit loops over the leading indices,
@@ -157,32 +158,65 @@ def allowed_keys(n: int, causal=True, window=None, real=None) -> np.ndarray:
     return M
 
 
-def attention_patterns(q, k, *, scale=None, causal=True, attention_mask=None, layout="bnhd", softcap=None,
-                       window=None) -> np.ndarray:
-    """Oracle for ``induct_fast.attention_patterns``: [*lead, heads, n, n] float64.
-
-    s = scale * q_i . k_j, then softcap * tanh(s / softcap); each row a softmax over its allowed
-    keys (``allowed_keys``), 0 elsewhere, all zeros when none is allowed. Query head h reads kv
-    head h // (heads / kv_heads).
-    """
+def allowed_logits(q, k, *, scale=None, causal=True, attention_mask=None, layout="bnhd", softcap=None,
+                   window=None):
+    """Yields (index + (h,), s, allowed) for every head: s [n, n] = scale * q_i . k_j, then
+    softcap * tanh(s / softcap), and allowed [n, n] from ``allowed_keys``. Query head h reads
+    kv head h // (heads / kv_heads)."""
     Q, K = np.asarray(q, np.float64), np.asarray(k, np.float64)
     if layout == "bnhd":  # -> [*lead, heads, n, d]
         Q, K = np.swapaxes(Q, -3, -2), np.swapaxes(K, -3, -2)
     lead, heads, n, d = Q.shape[:-3], Q.shape[-3], Q.shape[-2], Q.shape[-1]
     group = heads // K.shape[-3] if K.shape[-3] else 1
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    out = np.zeros(lead + (heads, n, n))
     for index in np.ndindex(*lead):
         allowed = allowed_keys(n, causal, window, _mask_row(attention_mask, index))
         for h in range(heads):
             s = scale * (Q[index][h] @ K[index][h // group].T)
             if softcap is not None:
                 s = softcap * np.tanh(s / softcap)
-            for i in range(n):
-                keys = np.flatnonzero(allowed[i])
-                if keys.size:
-                    e = np.exp(s[i, keys] - s[i, keys].max())
-                    out[index + (h, i)][keys] = e / e.sum()
+            yield index + (h,), s, allowed
+
+
+def _heads_shape(q, layout) -> tuple:
+    """[*lead, heads, n] of q."""
+    shape = np.shape(q)
+    return shape[:-3] + ((shape[-2], shape[-3]) if layout == "bnhd" else (shape[-3], shape[-2]))
+
+
+def attention_patterns(q, k, *, scale=None, causal=True, attention_mask=None, layout="bnhd", softcap=None,
+                       window=None) -> np.ndarray:
+    """Oracle for ``induct_fast.attention_patterns``: [*lead, heads, n, n] float64.
+
+    s = scale * q_i . k_j, then softcap * tanh(s / softcap); each row a softmax over its allowed
+    keys (``allowed_keys``), 0 elsewhere, all zeros when none is allowed.
+    """
+    shape = _heads_shape(q, layout)
+    out = np.zeros(shape + shape[-1:])
+    rules = dict(scale=scale, causal=causal, attention_mask=attention_mask, layout=layout, softcap=softcap, window=window)
+    for head, s, allowed in allowed_logits(q, k, **rules):
+        for i in range(shape[-1]):
+            keys = np.flatnonzero(allowed[i])
+            if keys.size:
+                e = np.exp(s[i, keys] - s[i, keys].max())
+                out[head + (i,)][keys] = e / e.sum()
+    return out
+
+
+def log_sum_exp(q, k, *, scale=None, causal=True, attention_mask=None, layout="bnhd", softcap=None,
+                window=None) -> np.ndarray:
+    """Oracle for the ``lse`` of ``induct_fast.scores_from_qk``: [*lead, heads, n] float64,
+    lse[..., h, i] = log sum_{j allowed} exp(s_ij) with the logits and allowed keys of
+    ``attention_patterns``; -inf for a row with no allowed key. Every row, padding rows too."""
+    shape = _heads_shape(q, layout)
+    out = np.full(shape, -np.inf)
+    rules = dict(scale=scale, causal=causal, attention_mask=attention_mask, layout=layout, softcap=softcap, window=window)
+    for head, s, allowed in allowed_logits(q, k, **rules):
+        for i in range(shape[-1]):
+            row = s[i, allowed[i]]
+            if row.size:
+                top = row.max()
+                out[head + (i,)] = top + np.log(np.sum(np.exp(row - top)))
     return out
 
 

@@ -94,6 +94,7 @@ Q = _rng.standard_normal((B, N, H, D)).astype(np.float32)
 K = _rng.standard_normal((B, N, KV, D)).astype(np.float32)
 TOKENS = _rng.integers(0, 3, (B, N))
 MASK = np.ones((B, N), dtype=np.int64)
+LSE = inf.scores_from_qk(Q, K, TOKENS, return_lse=True)[1]  # [B, H, N]
 
 NL, NH, DM, DH = 2, 4, 8, 2  # layers, heads, d_model, d_head of the weights
 W_Q = _rng.standard_normal((NL, NH, DM, DH))
@@ -203,6 +204,23 @@ BAD = {
     "scores_from_qk: offset n": row(inf.scores_from_qk, Q, K, kinds=(), offsets=(N,), names="offset"),
     "scores_from_qk: offset 0": row(inf.scores_from_qk, Q, K, kinds=(), offsets=(0,), names="offset"),
     "scores_from_qk: offsets str": row(inf.scores_from_qk, Q, K, kinds=(), offsets="3", names="offset"),
+    # --- scores_from_qk: lse, return_lse (a row's log-sum-exp in and out, DESIGN.md section 11)
+    "scores_from_qk: lse one row short": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE[..., 1:], names=("lse", "(2, 4, 6)", "(2, 4, 5)")),
+    "scores_from_qk: lse without the heads axis": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE[:, 0], names=("lse", "(2, 6)")),
+    "scores_from_qk: lse in the layout of q": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE.transpose(0, 2, 1), names="lse"),
+    "scores_from_qk: lse 0-d": row(inf.scores_from_qk, Q, K, TOKENS, lse=np.float64(0.0), names="lse"),
+    "scores_from_qk: lse NaN in a scored row": row(inf.scores_from_qk, Q, K, TOKENS, lse=put(LSE, (1, 2, 3), np.nan), names=("lse", "NaN", "(1, 2, 3)")),
+    "scores_from_qk: lse -inf in a scored row": row(inf.scores_from_qk, Q, K, TOKENS, lse=put(LSE, (0, 1, 5), -np.inf, np.float32), names=("lse", "-inf", "(0, 1, 5)")),
+    "scores_from_qk: lse NaN with entropy": row(inf.scores_from_qk, Q, K, TOKENS, kinds="entropy", lse=put(LSE, (0, 0, 1), np.nan), names="lse"),
+    "scores_from_qk: lse far below the logits": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE - 1e4, names=("lse", "overflow")),
+    "scores_from_qk: lse int": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE.astype(np.int64), names="lse"),
+    "scores_from_qk: lse bool": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE > 0, names="lse"),
+    "scores_from_qk: lse complex": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE.astype(np.complex64), names="lse"),
+    "scores_from_qk: lse str": row(inf.scores_from_qk, Q, K, TOKENS, lse=np.full(LSE.shape, "0"), names="lse"),
+    "scores_from_qk: lse object": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE.astype(object), names="lse"),
+    "scores_from_qk: lse ragged list": row(inf.scores_from_qk, Q, K, TOKENS, lse=[[0.0] * N, [0.0] * (N - 1)], names="lse"),
+    "scores_from_qk: lse with exclude_bos": row(inf.scores_from_qk, Q, K, TOKENS, lse=LSE, exclude_bos=True, names=("lse", "exclude_bos")),
+    "scores_from_qk: return_lse with exclude_bos": row(inf.scores_from_qk, Q, K, TOKENS, return_lse=True, exclude_bos=True, names=("return_lse", "exclude_bos")),
     # --- composition_scores
     "composition_scores: W_K fewer layers": row(inf.composition_scores, W_Q, W_K[:1], W_V, W_O, names="W_K"),
     "composition_scores: W_O fewer heads": row(inf.composition_scores, W_Q, W_K, W_V, W_O[:, :3], names="W_O"),

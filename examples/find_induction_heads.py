@@ -5,16 +5,20 @@
    baseline, and the copying score of the induction head's OV circuit.
 3. Measure the in-context learning it buys: per-token loss on the first vs the repeated half.
 
+It uses the same model, tokens, baseline and loss windows as `induct-fast demo`, so the two
+print the same numbers (tests/test_examples.py checks it).
+
 Run:  python examples/find_induction_heads.py
 """
 
 import numpy as np
 
 import induct_fast as inf
-from induct_fast.demo import build_demo_model
+from induct_fast.demo import block_losses, build_demo_model
 
-model = build_demo_model(seed=0)
-tokens = inf.repeated_tokens(batch=8, period=18, vocab_size=model.vocab_size, seed=1)
+SEED, PERIOD = 0, 18
+model = build_demo_model(seed=SEED)
+tokens = inf.repeated_tokens(batch=8, period=PERIOD, vocab_size=model.vocab_size, seed=SEED)
 logits, patterns = model.run(tokens)  # patterns: [batch, layer, head, n, n]
 
 scores = inf.scan(patterns, tokens)  # a HeadScores: mean over the batch per (layer, head)
@@ -23,7 +27,7 @@ print(scores)
 (ind_layer, ind_head, _), = scores.top("induction", 1)
 
 k_comp = inf.composition_scores(model.W_Q, model.W_K, model.W_V, model.W_O, mode="K")
-baseline = inf.composition_baseline(model.W_Q.shape[2], model.d_head)
+baseline = inf.composition_baseline(model.W_Q.shape[2], model.d_head, seed=SEED)  # 500 random pairs
 circuit = k_comp[prev_layer, prev_head, ind_layer, ind_head]
 print(f"K-composition L{prev_layer}H{prev_head} -> L{ind_layer}H{ind_head}: {circuit:.3f} "
       f"(random heads: {baseline.mean:.3f} +- {baseline.std:.3f}, z = {baseline.zscore(circuit):.0f})")
@@ -31,8 +35,9 @@ print(f"K-composition L{prev_layer}H{prev_head} -> L{ind_layer}H{ind_head}: {cir
 copying = inf.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
 print(f"copying score of the induction head: {copying[ind_layer, ind_head]:.3f}")
 
-losses = inf.token_losses(logits, tokens)  # [batch, n - 1]
-period = (tokens.shape[1] - 1) // 2
-first, repeat = losses[:, :period].mean(), losses[:, period + 1:].mean()
-print(f"mean loss: first half {first:.2f}, repeated half {repeat:.2f} nats")
+losses = inf.token_losses(logits, tokens)  # [batch, n - 1]; losses[:, i] predicts token i + 1
+# The same block positions the first time and on the repeat (see block_losses for why the
+# block's first token is left out of both).
+first, repeat = block_losses(losses, PERIOD)
+print(f"mean loss: first half {first:.3f}, repeated half {repeat:.3f}, in-context drop {first - repeat:.3f} nats")
 assert (ind_layer, ind_head) != (prev_layer, prev_head) and repeat < first

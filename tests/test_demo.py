@@ -152,7 +152,7 @@ def test_cli_demo_json():
 
 
 def test_cli_demo_text_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (installed by make test: extras never skip there)
     path = tmp_path / "demo.png"
     done = _cli("--plot", str(path), timeout=120)
     assert done.returncode == 0, done.stderr
@@ -164,3 +164,32 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(ImportError, match="matplotlib"):
         demo.plot_report(demo.demo_report(), str(tmp_path / "x.png"))
+
+
+def test_block_losses_cover_the_same_positions_the_first_time_and_on_the_repeat():
+    losses = np.arange(2 * 36, dtype=float).reshape(2, 36)  # period 18: [batch, 2 * period]
+    first, repeat = demo.block_losses(losses, 18)
+    assert first == losses[:, 1:18].mean() and repeat == losses[:, 19:].mean()
+    with pytest.raises(ValueError, match=r"losses: expected shape \(batch, 36\) for period 18"):
+        demo.block_losses(losses[:, :-1], 18)
+
+
+def test_report_plot_has_a_title_units_and_readable_values(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    made = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (made.append(self), original(self, *a, **k)))
+    demo.plot_report(demo.demo_report(), str(tmp_path / "demo.png"))
+    (fig,) = made
+    assert fig.get_suptitle().startswith("induct-fast demo: hand-built 2-layer")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels][-1] == "next-token loss"
+    for ax in panels[:-1]:
+        colours = {t.get_color() for t in ax.texts}
+        assert ax.texts and colours <= {"black", "white"}  # no grey text on coloured cells
+    bars = [ax.get_ylabel() for ax in fig.axes if not ax.get_title()]
+    assert "copying score (-1 to 1)" in bars and any(b.startswith("K-composition (chance") for b in bars)
+    for ax in panels[:-1]:  # colour bars as tall as their maps
+        bar = next(b for b in fig.axes if not b.get_title() and abs(b.get_position().y0 - ax.get_position().y0) < 0.02)
+        assert abs(bar.get_position().height - ax.get_position().height) < 0.02

@@ -18,6 +18,23 @@ def test_example_runs(script, args):
     assert done.stdout.strip()
 
 
+def test_example_and_demo_report_the_same_numbers():
+    """examples/find_induction_heads.py and `induct-fast demo` measure the same model the same
+    way: same tokens, baseline and loss windows, so the same loss and z-score."""
+    import re
+
+    from induct_fast.demo import demo_report
+
+    out = subprocess.run([sys.executable, str(EXAMPLES / "find_induction_heads.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = demo_report()
+    loss = re.search(r"first half ([\d.]+), repeated half ([\d.]+)", out.stdout)
+    assert loss, out.stdout
+    assert (float(loss[1]), float(loss[2])) == (round(report["loss_first_half"], 3), round(report["loss_second_half"], 3))
+    z = re.search(r"z = (-?\d+)", out.stdout)
+    assert z and int(z[1]) == round(report["k_composition_zscore"])
+
+
 def readme_block(heading: str) -> str:
     """The first ```python block after `heading` in README.md."""
     text = (EXAMPLES.parent / "README.md").read_text()

@@ -51,7 +51,7 @@ def test_top_is_best_first_with_nan_last(scores):
 
 
 def test_to_frame_has_a_row_per_head_and_a_column_per_kind(scores):
-    pd = pytest.importorskip("pandas", reason="pandas is not installed")
+    import pandas as pd  # installed by make test: extras never skip there
     df = scores.to_frame()
     assert list(df.columns) == ["induction", "previous_token", "entropy"]
     assert df.index.names == ["layer", "head"] and len(df) == 6
@@ -84,13 +84,74 @@ def test_table_and_repr_are_readable(scores):
     assert lines[5].split() == ["1", "1", "nan", "0.300", "1.500"]
     assert len({len(line) for line in lines}) == 1  # aligned
     text = repr(scores)
-    assert text.startswith("HeadScores(batch=2, layers=2, heads=3, kinds=[induction, previous_token, entropy])")
-    assert "induction" in text and "L0H2 0.800" in text.splitlines()[1]
-    assert "L0H2 0.500" in text.splitlines()[3]  # entropy: lowest first
+    lines = text.splitlines()
+    assert lines[0] == "HeadScores(batch=2, layers=2, heads=3, kinds=[induction, previous_token, entropy])"
+    assert lines[1] == "  strongest heads per kind, mean over 2 prompts:"
+    assert lines[2].split()[:3] == ["induction", "L0H2", "0.800"]
+    assert lines[4].split()[:5] == ["entropy", "(lowest", "first)", "L0H2", "0.500"]  # says how it is sorted
+
+
+def test_repr_leaves_nan_heads_out_and_says_when_a_kind_has_none():
+    nan_kind = np.full((2, 2, 3), NAN)
+    some = np.array([[[0.5, NAN, NAN], [NAN, NAN, NAN]]] * 2)
+    lines = repr(HeadScores({"bos": nan_kind, "induction": some})).splitlines()
+    assert lines[2].split(None, 1) == ["bos", "no eligible query in any prompt (all NaN)"]
+    assert lines[3].split() == ["induction", "L0H0", "0.500"]  # the one head with a score; no "nan" heads
+    assert "nan" not in "\n".join(lines[2:])
+
+
+def test_repr_html_is_a_compact_heatmap_table(scores):
+    html = scores._repr_html_()
+    assert html.count("<table") == 3 and html.count("<tr><th>L") == 3 * 2  # a table per kind, a row per layer
+    assert 'title="L0H2 0.8000"' in html  # every cell's score in its tooltip
+    assert 'title="L1H1 nan" style="background:#ddd"' in html  # NaN: grey
+    assert "entropy (nats; low = focused)" in html and "attention mass on targets" in html
+    assert "mean over 2 prompts" in html
+    big = HeadScores({kind: np.random.default_rng(0).random((1, 32, 32)) for kind in ("a", "b", "c", "d", "e", "entropy")})
+    page = big._repr_html_()
+    assert page.count("<td") == 6 * 32 * 32 and len(page) < 400_000  # no text in cells at this size
+
+
+def test_plot_scales_units_and_nan_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rng = np.random.default_rng(0)
+    per_prompt = {kind: rng.random((2, 3, 4)) for kind in ("previous_token", "induction", "self")}
+    per_prompt["bos"] = np.full((2, 3, 4), NAN)
+    per_prompt["entropy"] = 3 * rng.random((2, 3, 4))
+    per_prompt["induction"][:, 1, 2] = NAN
+    fig = HeadScores(per_prompt).plot()
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == set(per_prompt)
+    bars = {ax.get_ylabel(): ax for ax in fig.axes if not ax.get_title() and ax.get_ylabel()}
+    assert "entropy (nats; low = focused)" in bars and "attention mass on targets" in bars
+    images = {title: ax.images[0] for title, ax in panels.items()}
+    assert images["induction"].get_clim() == (0.0, 1.0) and images["bos"].get_clim() == (0.0, 1.0)
+    assert images["entropy"].get_clim() == (0.0, pytest.approx(np.nanmax(HeadScores(per_prompt)["entropy"])))
+    assert images["entropy"].cmap.name != images["induction"].cmap.name  # its own colour map
+    assert "no eligible query\n(all NaN)" in [t.get_text() for t in panels["bos"].texts]
+    assert "grey: NaN" in panels["induction"].get_xlabel() and "grey" not in panels["self"].get_xlabel()
+    assert len(panels["self"].texts) == 12  # values in the cells of small grids
+    assert fig.get_suptitle() == "3 layers x 4 heads, mean over 2 prompts"
+    assert len(HeadScores(per_prompt).plot(values=False).axes[0].texts) == 0
+
+
+def test_plot_grid_stays_readable_at_32_by_32_heads_and_6_kinds():
+    rng = np.random.default_rng(0)
+    kinds = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
+    fig = HeadScores({kind: rng.random((1, 32, 32)) for kind in kinds}).plot()
+    width, height = fig.get_size_inches() * 100
+    assert width <= 2000 and height <= 1400, (width, height)  # 3 x 2 panels at dpi 100
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 6 and all(len(ax.texts) == 0 for ax in panels)  # no values at this size
+    assert len(panels[0].get_xticks()) <= 16  # tick labels never collide
+    one_row = HeadScores({kind: rng.random((1, 4, 8)) for kind in kinds}).plot(ncols=6)
+    assert len({round(ax.get_position().y0, 3) for ax in one_row.axes if ax.get_title()}) == 1
 
 
 def test_plot_writes_a_png_with_one_panel_per_kind(scores, tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import matplotlib  # noqa: F401  (installed by make test: extras never skip there)
     fig = scores.plot()
     assert len([ax for ax in fig.axes if ax.get_title()]) == 3
     path = tmp_path / "heads.png"
@@ -102,7 +163,7 @@ def test_plot_writes_a_png_with_one_panel_per_kind(scores, tmp_path):
 
 
 def test_plot_into_given_axes(scores):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import matplotlib  # noqa: F401  (installed by make test: extras never skip there)
     from matplotlib.figure import Figure
 
     fig = Figure()
@@ -118,7 +179,7 @@ def test_plot_into_given_axes(scores):
 
 
 def test_plot_does_not_touch_pyplot(scores):
-    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import matplotlib  # noqa: F401  (installed by make test: extras never skip there)
     import matplotlib.pyplot as plt
 
     before = plt.get_fignums()

@@ -385,8 +385,18 @@ class CompositionBaseline(NamedTuple):
     d_head: int
 
     def zscore(self, score: Any) -> Any:
-        """``(score - mean) / std``: how many chance standard deviations above chance a score is."""
-        return (np.asarray(score, dtype=np.float64) - self.mean) / self.std
+        """``(score - mean) / std``: how many chance standard deviations above chance a score is.
+
+        A whole ``[L, H, L, H]`` matrix from :func:`composition_scores` gets NaN where the left
+        head's layer is not below the right head's: those pairs cannot compose and are zero by
+        construction, which is no score (it would read as far below chance).
+        """
+        z = (np.asarray(score, dtype=np.float64) - self.mean) / self.std
+        if z.ndim == 4 and z.shape[0] == z.shape[2] and z.shape[1] == z.shape[3]:
+            layers = np.arange(z.shape[0])
+            cannot = layers[:, None, None, None] >= layers[None, None, :, None]
+            z = np.where(cannot, np.nan, z)
+        return z
 
 
 def _wishart_factor(df: int, p: int, n: int, rng: np.random.Generator) -> np.ndarray:

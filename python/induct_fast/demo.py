@@ -255,7 +255,23 @@ def _argmax_head(scores: np.ndarray) -> Tuple[int, int]:
     return int(layer), int(head)
 
 
-def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_samples: int = 200) -> Dict[str, Any]:
+def block_losses(losses: np.ndarray, period: int) -> Tuple[float, float]:
+    """Mean loss on the first block and on its repeat, over the same block positions.
+
+    ``losses`` is ``token_losses`` of ``repeated_tokens(batch, period, ...)`` (BOS, a block of
+    ``period`` tokens, the block again): ``losses[:, i]`` predicts token i + 1. Both means cover
+    block positions 1 .. period - 1, predicted by ``losses[:, 1:period]`` the first time and by
+    ``losses[:, period + 1:]`` on the repeat. Position 0 is left out of both: the block's first
+    token follows BOS the first time and the block's last token on the repeat, a pair seen nowhere
+    before, so no in-context mechanism can predict it.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2 or losses.shape[1] != 2 * period:
+        raise ValueError(f"losses: expected shape (batch, {2 * period}) for period {period}, got {losses.shape}")
+    return float(losses[:, 1:period].mean()), float(losses[:, period + 1 :].mean())
+
+
+def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_samples: int = 500) -> Dict[str, Any]:
     """Run the demo model on repeated random tokens and measure its heads and circuit.
 
     Parameters
@@ -266,7 +282,8 @@ def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_sam
         ``repeated_tokens(batch, period, vocab)``: BOS then a random block of ``period`` tokens
         twice, n = 2 period + 1 <= n_ctx.
     baseline_samples : int
-        Random pairs for the composition baseline.
+        Random pairs for the composition baseline (``composition_baseline``'s default, seeded
+        with ``seed``).
 
     Returns
     -------
@@ -277,8 +294,8 @@ def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_sam
         detected previous-token -> induction pair), ``k_composition_baseline`` (mean chance
         score) with ``k_composition_baseline_std`` and ``k_composition_zscore``,
         ``copying_scores`` ([L][H]), ``loss_first_half`` / ``loss_second_half`` (mean
-        per-token loss predicting the first block / the repeated block) and ``icl_loss_drop``
-        (first minus second).
+        per-token loss on the first block / on its repeat, over the same block positions, see
+        :func:`block_losses`) and ``icl_loss_drop`` (first minus second).
     """
     import induct_fast as inf
 
@@ -293,7 +310,7 @@ def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_sam
     k_score = float(k_comp[prev[0], prev[1], ind[0], ind[1]])
     copying = inf.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
     loss = inf.token_losses(logits, tokens)
-    first, second = float(loss[:, :period].mean()), float(loss[:, period:].mean())
+    first, second = block_losses(loss, period)
     return {
         "model": {"n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.W_Q.shape[2],
                   "d_head": model.d_head, "vocab_size": model.vocab_size, "n_ctx": model.n_ctx},
@@ -311,6 +328,9 @@ def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_sam
         "loss_first_half": first,
         "loss_second_half": second,
         "icl_loss_drop": first - second,
+        # mean loss at each block position 1 .. period - 1, the first time and on the repeat
+        "block_loss_first": loss[:, 1:period].mean(axis=0).tolist(),
+        "block_loss_repeat": loss[:, period + 1 :].mean(axis=0).tolist(),
     }
 
 
@@ -343,29 +363,39 @@ def format_report(report: Dict[str, Any]) -> str:
 
 
 def plot_report(report: Dict[str, Any], path: str) -> None:
-    """Heatmaps of the head scores, the L0 -> L1 K-composition and the copying scores, to `path`."""
+    """One figure to `path`: the head scores, the L0 -> L1 K-composition (with its chance level)
+    and the copying scores, every cell labelled, each panel on its own scale with its unit."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install matplotlib (or induct_fast[plot])") from None
-    k_comp = np.array(report["k_composition_matrix"])
-    # (title, values, value range, colour map, y label, x label); every cell is also labelled.
-    panels = [(k.replace("_", " "), np.array(report["head_scores"][k]), (0.0, 1.0), "viridis", "layer", "head") for k in KINDS]
-    panels.append(("K-composition L0 -> L1", k_comp, (0.0, float(np.nanmax(k_comp))), "viridis", "L0 head", "L1 head"))
-    panels.append(("copying score", np.array(report["copying_scores"], dtype=float), (-1.0, 1.0), "RdBu", "layer", "head"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0))
-    for ax, (title, values, (lo, hi), cmap, ylabel, xlabel) in zip(axes, panels):
-        image = ax.imshow(values, cmap=cmap, vmin=lo, vmax=hi)
-        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xticks=range(values.shape[1]), yticks=range(values.shape[0]))
-        for (row, col), value in np.ndenumerate(values):
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="grey")
-        fig.colorbar(image, ax=ax, shrink=0.7)
-    fig.tight_layout()
+    from .results import _heatmap
+
+    k_comp = np.array(report["k_composition_matrix"], dtype=float)
+    mass = {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis", "label": "attention mass on targets"}
+    panels = [(kind.replace("_", " ") + " score", np.array(report["head_scores"][kind], dtype=float), mass, "head", "layer") for kind in KINDS]
+    chance = report["k_composition_baseline"]
+    comp = {"vmin": 0.0, "vmax": max(float(np.nanmax(k_comp)), 2 * chance), "cmap": "cividis",
+            "label": f"K-composition (chance {chance:.3f})"}
+    panels.append(("K-composition L0 -> L1", k_comp, comp, "L1 head (reader)", "L0 head (writer)"))
+    copying = {"vmin": -1.0, "vmax": 1.0, "cmap": "RdBu", "label": "copying score (-1 to 1)"}
+    panels.append(("OV copying score", np.array(report["copying_scores"], dtype=float), copying, "head", "layer"))
+    m = report["model"]
+    fig = Figure(figsize=(13.5, 6.2), layout="constrained")
+    fig.suptitle(
+        f"induct-fast demo: hand-built {m['n_layers']}-layer attention-only model on repeated random tokens "
+        f"{tuple(report['tokens_shape'])}; in-context loss drop {report['icl_loss_drop']:.2f} nats"
+    )
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (title, values, scale, xlabel, ylabel) in zip(axes, panels):
+        _heatmap(ax, values, title=title, show_values=True, xlabel=xlabel, ylabel=ylabel, **scale)
+    loss_ax = axes[-1]
+    positions = np.arange(1, len(report["block_loss_first"]) + 1)
+    loss_ax.plot(positions, report["block_loss_first"], "o-", ms=3, label=f"first block (mean {report['loss_first_half']:.2f})")
+    loss_ax.plot(positions, report["block_loss_repeat"], "o-", ms=3, label=f"repeat (mean {report['loss_second_half']:.2f})")
+    loss_ax.set(title="next-token loss", xlabel="position in the block", ylabel="loss (nats)", ylim=(0, None))
+    loss_ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _json_safe(value: Any) -> Any:

@@ -181,8 +181,17 @@ class HeadScores:
 
     # -- plotting ------------------------------------------------------------------------------
 
-    def plot(self, kind: Union[str, Sequence[str], None] = None, ax: Any = None) -> Any:
-        """Heatmaps of the ``[layer, head]`` grids, one panel per kind.
+    def plot(
+        self,
+        kind: Union[str, Sequence[str], None] = None,
+        ax: Any = None,
+        *,
+        values: Optional[bool] = None,
+        ncols: Optional[int] = None,
+        title: Optional[str] = None,
+    ) -> Any:
+        """Heatmaps of the ``[layer, head]`` grids, one panel per kind, each with its own colour
+        scale and unit.
 
         Parameters
         ----------
@@ -192,18 +201,40 @@ class HeadScores:
             Where to draw, one Axes per kind. Without it a new ``matplotlib.figure.Figure`` is made
             (not registered with pyplot: nothing global changes, no backend is needed to save it;
             Jupyter displays it when returned).
+        values : bool, optional
+            Write each score in its cell (default: when a panel has at most 16 heads and 16
+            layers).
+        ncols : int, optional
+            Panels per row (default: a near-square grid of panels, at most 4 per row, 3 for
+            grids wider than 16 heads).
+        title : str, optional
+            A title over the figure (default: the shape and how many prompts were averaged).
 
         Returns
         -------
         matplotlib.figure.Figure
-            ``fig.savefig("heads.png")`` writes it. Score kinds share the colour range [0, 1];
-            ``entropy`` is scaled to its own range. NaN cells are left blank.
+            ``fig.savefig("heads.png", dpi=150)`` writes it.
+
+        Notes
+        -----
+        Attention-mass kinds (``previous_token``, ``induction``, ``bos``, ``offset_<d>``, ...)
+        share a fixed 0-1 scale (viridis, yellow = strong), so panels compare. ``entropy`` is a
+        different quantity, in nats, on its own scale from 0 to its largest value and its own
+        colour map (magma reversed: focused, low-entropy heads are bright like strong heads in
+        the other panels; the hue tells the panels apart). NaN cells (no eligible query) are light grey with a
+        note under the panel; a panel that is NaN everywhere says so in its middle.
         """
         kinds = self._plot_kinds(kind)
-        axes = self._plot_axes(kinds, ax)
+        axes = self._plot_axes(kinds, ax, ncols)
+        show = values if values is not None else (self.n_heads <= 16 and self.n_layers <= 16)
         for panel, name in zip(axes, kinds):
-            self._heatmap(panel, name)
-        return axes[0].figure
+            scale = _scale(name, self.scores[name], self.meta)
+            _heatmap(panel, self.scores[name], title=name, show_values=show, **scale)
+        figure = axes[0].figure
+        if ax is None:
+            prompts = f"mean over {self.batch} prompt{'s' if self.batch != 1 else ''}"
+            figure.suptitle(title if title is not None else f"{self.n_layers} layers x {self.n_heads} heads, {prompts}")
+        return figure
 
     def _plot_kinds(self, kind: Union[str, Sequence[str], None]) -> list[str]:
         kinds = list(self.kinds) if kind is None else [kind] if isinstance(kind, str) else list(kind)
@@ -213,41 +244,179 @@ class HeadScores:
             raise ValueError("kind: expected at least one kind to plot")
         return kinds
 
-    def _plot_axes(self, kinds: list[str], ax: Any) -> list[Any]:
+    def _plot_axes(self, kinds: list[str], ax: Any, ncols: Optional[int]) -> list[Any]:
         if ax is None:
             Figure = _optional("matplotlib.figure", "HeadScores.plot", "matplotlib").Figure
-            cols = len(kinds)
-            fig = Figure(figsize=(0.45 * self.n_heads * cols + 1.6 * cols + 0.5, 0.4 * self.n_layers + 1.6), layout="constrained")
-            return list(np.atleast_1d(fig.subplots(1, cols, squeeze=False)[0]))
+            if ncols is None:
+                ncols = min(3 if self.n_heads > 16 else 4, math.ceil(math.sqrt(len(kinds))))
+            elif isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
+                raise ValueError(f"ncols: expected a positive integer, got {ncols!r}")
+            ncols = min(ncols, len(kinds))
+            nrows = math.ceil(len(kinds) / ncols)
+            # Cells of 0.32 in up to 16 x 16 heads, then panels of ~4.5 in (cells of at least 0.07 in),
+            # plus room for labels and the colour bar.
+            largest = max(self.n_heads, self.n_layers)
+            cell = 0.32 if largest <= 16 else max(0.07, 4.5 / largest)
+            width = max(2.4, cell * self.n_heads) + 1.6
+            height = max(1.0, cell * self.n_layers) + 1.3
+            fig = Figure(figsize=(width * ncols, height * nrows + 0.4), layout="constrained")
+            grid = fig.subplots(nrows, ncols, squeeze=False)
+            for extra in grid.ravel()[len(kinds):]:
+                extra.set_axis_off()
+            return list(grid.ravel()[: len(kinds)])
         axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
         axes = list(np.ravel(np.asarray(axes, dtype=object)))
         if len(axes) != len(kinds):
             raise ValueError(f"ax: expected one Axes per kind ({len(kinds)}: {', '.join(kinds)}), got {len(axes)}")
         return axes
 
-    def _heatmap(self, ax: Any, kind: str) -> None:
-        grid = np.ma.masked_invalid(self.scores[kind])
-        bounds = {} if kind == "entropy" else {"vmin": 0.0, "vmax": 1.0}
-        image = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest", **bounds)
-        ax.set_title(kind)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(self.n_heads))
-        ax.set_yticks(range(self.n_layers))
-        ax.figure.colorbar(image, ax=ax)
-
     # -- display -------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
+        prompts = f"mean over {self.batch} prompt{'s' if self.batch != 1 else ''}"
         lines = [
-            f"HeadScores(batch={self.batch}, layers={self.n_layers}, heads={self.n_heads}, kinds=[{', '.join(self.kinds)}])"
+            f"HeadScores(batch={self.batch}, layers={self.n_layers}, heads={self.n_heads}, kinds=[{', '.join(self.kinds)}])",
+            f"  strongest heads per kind, {prompts}:",
         ]
-        width = max(len(kind) for kind in self.kinds)
+        labels = {kind: kind + (" (lowest first)" if kind == "entropy" else "") for kind in self.kinds}
+        width = max(len(label) for label in labels.values())
         for kind in self.kinds:
-            best = self.top(kind, 3, largest=kind != "entropy")
-            cells = "  ".join(f"L{layer}H{head} {_fmt(score, 3)}" for layer, head, score in best)
-            lines.append(f"  {kind:<{width}}  {cells}")
+            lines.append(f"    {labels[kind]:<{width}}  {self._summary(kind, 3)}")
         return "\n".join(lines)
+
+    def _summary(self, kind: str, k: int) -> str:
+        """The k strongest heads of `kind` (lowest entropy), skipping NaN; or why there are none."""
+        best = [(layer, head, score) for layer, head, score in self.top(kind, k, largest=kind != "entropy") if not math.isnan(score)]
+        if not best:
+            return "no eligible query in any prompt (all NaN)"
+        return "  ".join(f"L{layer}H{head} {_fmt(score, 3)}" for layer, head, score in best)
+
+    def _repr_html_(self) -> str:
+        """A compact heatmap table per kind for notebooks (no matplotlib needed): a row per layer,
+        a cell per head coloured on the kind's scale, the score in the cell's tooltip."""
+        import html
+
+        prompts = f"mean over {self.batch} prompt{'s' if self.batch != 1 else ''}"
+        small = self.n_heads <= 12
+        size = "1.9em" if small else "0.8em" if self.n_heads <= 32 else "0.45em"
+        style = (
+            "<style>.ifhs{border-collapse:collapse;margin:0 1.2em 0.8em 0;font-size:11px;display:inline-table}"
+            f".ifhs td{{width:{size};height:{size};padding:0;text-align:center;border:1px solid #fff;line-height:1}}"
+            ".ifhs th{font-weight:normal;color:#555;padding:0 3px;font-size:10px}"
+            ".ifhs caption{text-align:left;font-weight:bold;white-space:nowrap}</style>"
+        )
+        parts = [
+            style,
+            f"<div><b>HeadScores</b>: {self.n_layers} layers &times; {self.n_heads} heads, {prompts} "
+            f"(hover a cell for its score; grey: NaN)</div><div>",
+        ]
+        for kind in self.kinds:
+            grid = self.scores[kind]
+            scale = _scale(kind, grid, self.meta)
+            lo, hi = scale["vmin"], scale["vmax"]
+            rows = []
+            for layer in range(self.n_layers):
+                cells = []
+                for head in range(self.n_heads):
+                    value = float(grid[layer, head])
+                    if math.isnan(value):
+                        cells.append(f'<td title="L{layer}H{head} nan" style="background:#ddd"></td>')
+                        continue
+                    t = 0.0 if hi <= lo else min(1.0, max(0.0, (value - lo) / (hi - lo)))
+                    red, green, blue = _html_ramp(t, kind == "entropy")
+                    colour = f"#{red:02x}{green:02x}{blue:02x}"
+                    if small:  # the score in the cell, in ink that reads on its colour
+                        ink = "#000" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "#fff"
+                        cell_text, ink_style = f"{value:.2f}", f";color:{ink}"
+                    else:
+                        cell_text, ink_style = "", ""
+                    cells.append(f'<td title="L{layer}H{head} {value:.4f}" style="background:{colour}{ink_style}">{cell_text}</td>')
+                rows.append(f"<tr><th>L{layer}</th>{''.join(cells)}</tr>")
+            heads = "".join(f"<th>{h}</th>" if small or h % 4 == 0 else "<th></th>" for h in range(self.n_heads))
+            unit = html.escape(scale["label"])
+            caption = f"{html.escape(kind)} <span style='font-weight:normal;color:#555'>({unit}; {lo:.2g} to {hi:.2g})</span>"
+            parts.append(f'<table class="ifhs"><caption>{caption}</caption><tr><th></th>{heads}</tr>{"".join(rows)}</table>')
+        parts.append("</div><pre style='font-size:11px'>" + html.escape(self.__repr__()) + "</pre>")
+        return "".join(parts)
+
+
+# -- drawing helpers (shared with the demo's figure) ------------------------------------------------
+
+# Kinds that are not attention mass on a target set, and their scale.
+_ENTROPY_LABEL = "entropy (nats; low = focused)"
+
+
+def _scale(kind: str, grid: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Colour scale of one kind: entropy on its own range, everything else attention mass on 0-1."""
+    if kind == "entropy":
+        finite = grid[np.isfinite(grid)]
+        top = float(finite.max()) if finite.size else 1.0
+        return {"vmin": 0.0, "vmax": top if top > 0 else 1.0, "cmap": "magma_r", "label": _ENTROPY_LABEL}
+    if meta.get("measure") == "top1":
+        return {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis", "label": "fraction of queries whose top key is a target"}
+    return {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis", "label": "attention mass on targets"}
+
+
+def _heatmap(
+    ax: Any,
+    grid: np.ndarray,
+    *,
+    title: str,
+    vmin: float,
+    vmax: float,
+    cmap: str,
+    label: str,
+    show_values: bool,
+    xlabel: str = "head",
+    ylabel: str = "layer",
+) -> None:
+    """One labelled heatmap of a [rows, cols] grid with its colour bar; NaN cells light grey."""
+    import matplotlib
+
+    grid = np.asarray(grid, dtype=np.float64)
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="#dcdcdc")
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    rows, cols = grid.shape
+    ax.set_xticks(_ticks(cols))
+    ax.set_yticks(_ticks(rows))
+    ax.tick_params(length=2, labelsize=8 if max(rows, cols) > 16 else 9)
+    bar = ax.figure.colorbar(image, ax=ax, fraction=0.08, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    missing = np.isnan(grid)
+    if missing.all():
+        ax.text(0.5, 0.5, "no eligible query\n(all NaN)", transform=ax.transAxes, ha="center", va="center", fontsize=10, color="#444")
+    elif missing.any():
+        ax.set_xlabel(f"{xlabel}   (grey: NaN, no eligible query)")
+    if show_values and not missing.all():
+        size = 8 if max(rows, cols) <= 8 else 6
+        for (row, col), value in np.ndenumerate(grid):
+            if math.isnan(value):
+                continue
+            red, green, blue, _ = image.cmap(image.norm(value))
+            ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=size, color=ink)
+
+
+def _ticks(count: int) -> list[int]:
+    """Tick positions: every index up to 16, else every 2nd, 4th, ... so labels never collide."""
+    step = 1
+    while count / step > 16:
+        step *= 2
+    return list(range(0, count, step))
+
+
+def _html_ramp(t: float, entropy: bool) -> tuple[int, int, int]:
+    """A colour for t in [0, 1]: white to dark blue for attention mass, dark to light orange for
+    entropy (low entropy, the focused end, dark), with no matplotlib."""
+    if entropy:
+        start, end = (90, 20, 60), (253, 230, 200)
+    else:
+        start, end = (247, 251, 255), (8, 48, 107)
+    return tuple(int(round(a + (b - a) * t)) for a, b in zip(start, end))  # type: ignore[return-value]
 
 
 def _optional(module: str, feature: str, package: str) -> Any:

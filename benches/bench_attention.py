@@ -1,6 +1,6 @@
 """Benchmark of the fused scores_from_qk against numpy and against attention_patterns + head_scores.
 
-Run: python benches/bench_attention.py [--quick]
+Run: python benches/bench_attention.py [--quick] [--lse-only | --options-only | --headline-only]
 
 1. n = 2048, 12 heads, d_head 64, batch 1 (float32): scores (previous_token, duplicate_token,
    induction) by
@@ -15,6 +15,12 @@ Run: python benches/bench_attention.py [--quick]
 3. The kernel options, one head, d_head 64: window=4096 at n = 16384 against no window (the
    fused kernel skips key tiles before every window: expect about n / (window + 128) / 2 faster
    than causal), and softcap=50 against none at n = 4096 (one scalar tanh per logit).
+4. A given log-sum-exp (DESIGN.md section 11), one head, d_head 64, float32, repeated random
+   tokens, kinds previous_token, duplicate_token, induction, at n = 4096, 16384, 65536:
+   scores_from_qk without lse (the full O(n^2) pass), with return_lse=True (the same pass, its
+   lse kept), and with lse= that lse as float32 (what a flash kernel hands over: only the target
+   logits, O(n |T|)); the ratio without / with. Under --quick the full pass at 65536 (~2-4 s)
+   is skipped.
 
 Every timing is the best of 5 rounds that run all candidates in turn (the machine may be shared,
 and this way load from other processes falls on every candidate alike). Part 1 is repeated in a
@@ -196,6 +202,38 @@ def options(d=64):
     print(f"n = 4096, softcap=50    {t['softcap'] * 1e3:8.1f} ms   ratio softcap / none {t['softcap'] / t['none']:.2f}x")
 
 
+def given_lse(sizes=(4096, 16384, 65536), d=64, quick=False):
+    print(f"\n== a given log-sum-exp, one head, d_head = {d}, float32, repeated random tokens: scores_from_qk ==")
+    print(f"{'n':>6} {'without lse':>12} {'return_lse':>12} {'with lse':>10} {'ratio':>9}  max |with - without|")
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        q = rng.standard_normal((n, 1, d), dtype=np.float32)
+        k = rng.standard_normal((n, 1, d), dtype=np.float32)
+        tokens = inf.repeated_tokens(1, n // 2, 1_000_000, seed=0)[0, :n]  # BOS + a block seen twice
+        full = quick and n > 16384
+        exact, lse = inf.scores_from_qk(q, k, tokens, kinds=KINDS, return_lse=True)
+        lse32 = lse.astype(np.float32)  # as a float32 flash kernel returns it
+        # The cheap call gets many rounds of its own; the full passes run in turn, fewer at 64k.
+        t = best_times({"with": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS, lse=lse32)}, rounds=10)
+        if not full:
+            candidates = {
+                "without": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS),
+                "return_lse": lambda: inf.scores_from_qk(q, k, tokens, kinds=KINDS, return_lse=True),
+            }
+            t.update(best_times(candidates, rounds=3 if n <= 16384 else 1))
+        got = inf.scores_from_qk(q, k, tokens, kinds=KINDS, lse=lse32)
+        diff = max(float(np.abs(got[kind] - exact[kind]).max()) for kind in KINDS)
+        if full:
+            print(f"{n:>6} {'(skipped)':>12} {'(skipped)':>12} {t['with'] * 1e3:>8.2f}ms {'':>9}  {diff:.1e}")
+        else:
+            ratio = t["without"] / t["with"]
+            print(
+                f"{n:>6} {t['without'] * 1e3:>10.1f}ms {t['return_lse'] * 1e3:>10.1f}ms {t['with'] * 1e3:>8.2f}ms "
+                f"{ratio:>8.0f}x  {diff:.1e}"
+            )
+    print("without lse grows as n^2, with lse as n |T|: the ratio grows about as n")
+
+
 ONE_CORE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "INDUCT_FAST_NUM_THREADS": "1"}
 
 
@@ -203,6 +241,9 @@ def main():
     quick = "--quick" in sys.argv
     if "--options-only" in sys.argv:
         options()
+        return
+    if "--lse-only" in sys.argv:
+        given_lse(quick=quick)
         return
     if "--headline-only" in sys.argv:
         headline(rounds=2 if quick else 5)
@@ -213,6 +254,7 @@ def main():
     subprocess.run(args, env={**os.environ, **ONE_CORE}, check=True)
     scaling(sizes=(1024, 4096) if quick else (1024, 4096, 16384))
     options()
+    given_lse(quick=quick)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,9 @@ def scores_from_qk(
     With ``lse`` (and no whole-row kind) the cost is O(n * |T| * d_head) per head: one dot
     product per target, where |T| is the number of targets of a query summed over the kinds
     (1 for positional kinds; the earlier occurrences of a token for ``duplicate_token`` and
-    ``induction``). A row that has no target costs nothing.
+    ``induction``). A row that has no target costs nothing. Measured (benches/bench_attention.py,
+    one head, d_head 64, float32, three kinds, 2 cores): 1.1 ms against 23 ms at n = 4096,
+    4.5 ms against 350 ms at 16384, ~20 ms against 3-6 s at 65536.
 
     Precision with ``lse``: an error delta in lse_i and epsilon in the recomputed logit s_ij
     make A[i, j] off by a factor exp(epsilon - delta), a relative error of about

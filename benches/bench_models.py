@@ -1,15 +1,19 @@
 """Benchmark of scan_model on live models against what a user would otherwise run.
 
-Run: python benches/bench_models.py [--quick]
+Run: python benches/bench_models.py [--quick] [--long]
 
 1. A Llama-shaped Hugging Face model (4 layers, d_model 256, 8 heads of 32, 2 kv heads, random
    init, float32, sdpa) on one prompt of n = 2k, 8k, 16k, 32k tokens: time and peak-memory growth
    of
    - the model's own forward pass alone (``model(ids)``, sdpa, no cache), the floor;
-   - ``scan_model(model, ids)`` (three token kinds);
+   - ``scan_model(model, ids)`` (three token kinds), with each row's log-sum-exp taken from the
+     model's own flash kernel (``via="lse"``, the default there) and recomputed
+     (``via="recompute"``);
    - the route without us, where it fits in memory: eager attention with
      ``output_attentions=True`` and ``scan`` of the patterns.
    Each job runs in a fresh process (tests/model_memory.py), so each peak is its own.
+   ``--long`` adds n = 64k and 128k (memory grows linearly; the forward pass, O(n^2), takes
+   minutes there).
 2. A TransformerLens 3.x HookedTransformer of the same shape (rotary, GQA) on 8 prompts of
    repeated random tokens (n = 512): TransformerLens's own ``detect_head`` for
    previous-token, duplicate-token and induction heads (as its docs show: one call per kind over
@@ -46,19 +50,25 @@ def job(mode: str, n: int) -> dict:
 
 def live_llama(sizes: list[int], eager_up_to: int) -> None:
     print("1. Llama-shaped HF model (4 layers, d_model 256, 8 heads, 2 kv heads), one prompt, float32, sdpa")
-    print(f"{'n':>6} | {'forward s':>9} {'MB':>6} | {'scan_model s':>12} {'MB':>6} {'x fwd':>6} | {'eager+scan s':>12} {'MB':>7} {'speedup':>7}")
+    print("   scan_model: via='lse' (the flash kernel's log-sum-exp, only target logits) and via='recompute'")
+    print(
+        f"{'n':>6} | {'forward s':>9} {'MB':>6} | {'lse s':>7} {'MB':>6} {'x fwd':>6} | "
+        f"{'recompute s':>11} {'MB':>6} {'x fwd':>6} | {'eager+scan s':>12} {'MB':>7} {'vs lse':>7}"
+    )
     for n in sizes:
         forward = job("forward", n)
-        scan = job("scan_model", n)
+        lse = job("scan_model", n)
+        recompute = job("scan_model_recompute", n)
         eager = job("eager", n) if n <= eager_up_to else None
         row = f"{n:>6} | {forward['seconds']:>9.2f} {forward['growth'] / MB:>6.0f} | "
-        row += f"{scan['seconds']:>12.2f} {scan['growth'] / MB:>6.0f} {scan['seconds'] / forward['seconds']:>6.2f} | "
+        row += f"{lse['seconds']:>7.2f} {lse['growth'] / MB:>6.0f} {lse['seconds'] / forward['seconds']:>6.2f} | "
+        row += f"{recompute['seconds']:>11.2f} {recompute['growth'] / MB:>6.0f} {recompute['seconds'] / forward['seconds']:>6.2f} | "
         if eager is None:
-            row += f"{'(does not fit: ' + format(4 * 8 * n * n * 4 / 1e9, '.0f') + ' GB of patterns)':>28}"
+            row += f"(does not fit: {4 * 8 * n * n * 4 / 1e9:.0f} GB of patterns)"
         elif "error" in eager:
             row += f"  failed: {eager['error'][:60]}"
         else:
-            row += f"{eager['seconds']:>12.2f} {eager['growth'] / MB:>7.0f} {eager['seconds'] / scan['seconds']:>6.1f}x"
+            row += f"{eager['seconds']:>12.2f} {eager['growth'] / MB:>7.0f} {eager['seconds'] / lse['seconds']:>6.1f}x"
         print(row, flush=True)
 
 
@@ -119,7 +129,10 @@ def transformer_lens_detect_head(batch: int, period: int) -> None:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    live_llama([2048, 8192] if quick else [2048, 8192, 16384, 32768], eager_up_to=8192)
+    sizes = [2048, 8192] if quick else [2048, 8192, 16384, 32768]
+    if "--long" in sys.argv:  # minutes per size: the forward pass itself is O(n^2)
+        sizes += [65536, 131072]
+    live_llama(sizes, eager_up_to=8192)
     transformer_lens_detect_head(batch=8, period=255 if not quick else 63)
 
 

@@ -1,6 +1,6 @@
 """Peak memory of one job on a Llama-shaped Hugging Face model, measured in a process of its own.
 
-    python tests/model_memory.py {forward|scan_model|eager} N [LAYERS]
+    python tests/model_memory.py {forward|scan_model|scan_model_recompute|eager} N [LAYERS]
 
 prints JSON: the growth of peak resident memory (bytes) over the resident memory just before the
 job, and its time. The peak is reset first (writing 5 to /proc/self/clear_refs resets VmHWM, the
@@ -63,6 +63,9 @@ def main() -> None:
     elif mode == "scan_model":
         def job():
             inf.scan_model(model, ids)
+    elif mode == "scan_model_recompute":  # every row's normaliser recomputed by the fused kernel
+        def job():
+            inf.scan_model(model, ids, via="recompute")
     elif mode == "eager":  # the route without us: every pattern materialised, then scan
         def job():
             with torch.no_grad():

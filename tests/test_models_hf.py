@@ -218,3 +218,52 @@ def test_scan_of_an_sdpa_output_says_what_to_do():
     assert not out.attentions
     with pytest.raises(ValueError, match='attn_implementation="eager".*scan_model'):
         inf.scan(out)
+
+
+# -- the log-sum-exp from the model's own kernel (via="lse") --------------------------------------
+
+SDPA_FAMILIES = sorted(f for f in FAMILIES if not f.startswith("gemma2"))  # Gemma-2 runs eager (softcap)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lse_route_equals_recomputing_the_rows(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    ids, mask = prompts(3, period=9)
+    auto = inf.scan_model(model, ids, attention_mask=mask, kinds=KINDS)
+    recomputed = inf.scan_model(model, ids, attention_mask=mask, kinds=KINDS, via="recompute")
+    assert_scores_equal(auto.per_prompt, recomputed.per_prompt, atol=2e-5)
+    expected = "recompute" if family == "gemma2" else "lse"
+    assert auto.meta["via"] == [expected] * model.config.num_hidden_layers
+    assert recomputed.meta["via"] == ["recompute"] * model.config.num_hidden_layers
+    if family == "gemma2":
+        with pytest.raises(NotImplementedError, match="via: 'lse'.*eager"):
+            inf.scan_model(model, ids, via="lse")
+
+
+@pytest.mark.parametrize("family", SDPA_FAMILIES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_keeping_the_lse_leaves_the_forward_pass_bit_identical(family, dtype):
+    """KeepLSE runs sdpa as the flash kernel it dispatches to on CPU: the model's outputs do not
+    change by a single bit, with and without padding."""
+    from induct_fast.models._flash import KeepLSE
+
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval().to(getattr(torch, dtype))
+    ids, mask = prompts(3, period=9)
+    for m in (None, torch.as_tensor(mask)):
+        with torch.no_grad():
+            plain = model(torch.as_tensor(ids), attention_mask=m).logits
+            with KeepLSE():
+                kept = model(torch.as_tensor(ids), attention_mask=m).logits
+        assert torch.equal(plain, kept)
+
+
+def test_via_is_checked():
+    model = llama().eval()
+    ids, _ = prompts(2, pad=False)
+    with pytest.raises(ValueError, match="via: expected one of"):
+        inf.scan_model(model, ids, via="flash")
+    with pytest.raises(ValueError, match="via: 'lse' cannot be combined with exclude_bos"):
+        inf.scan_model(model, ids, via="lse", exclude_bos=True)
+    assert inf.scan_model(model, ids, exclude_bos=True).meta["via"] == ["recompute", "recompute"]

@@ -127,3 +127,14 @@ def test_fixture_model_through_scan_model(fixture):
     want = inf.head_scores(f["L2_rep_patterns"], ids, kinds=KINDS)
     assert_scores_equal(got.per_prompt, want)
     assert got.top("induction", 1)[0][0] == 1  # the induction head is in layer 1
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lse_from_the_models_logits_equals_recomputing(variant):
+    model = model_of(variant)
+    ids, mask = prompts(3)
+    auto = inf.scan_model(model, ids, attention_mask=mask, kinds=KINDS)
+    assert auto.meta["via"] == ["lse", "lse"]
+    recomputed = inf.scan_model(model, ids, attention_mask=mask, kinds=KINDS, via="recompute")
+    assert recomputed.meta["via"] == ["recompute", "recompute"]
+    assert_scores_equal(auto.per_prompt, recomputed.per_prompt, atol=2e-5)

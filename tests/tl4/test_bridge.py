@@ -105,3 +105,11 @@ def test_this_process_runs_transformer_lens_4():
 
     assert int(metadata.version("transformer_lens").split(".")[0]) == 4
     assert "tl4" in transformer_lens.__file__
+
+
+def test_bridge_recomputes_and_refuses_via_lse():
+    bridge = bridge_of("gpt2")
+    ids, _ = prompts(2, pad=False)
+    assert inf.scan_model(bridge, ids).meta["via"] == ["recompute", "recompute"]
+    with pytest.raises(NotImplementedError, match="via: 'lse'"):
+        inf.scan_model(bridge, ids, via="lse")

@@ -29,6 +29,8 @@ from ._scoring import AttentionRules, LayerScorer
 
 __all__ = ["AttentionRules", "adapter_of", "cache_rules", "scan_model"]
 
+VIA = ("auto", "lse", "recompute")
+
 
 def adapter_of(model: Any) -> ModuleType:
     """The adapter module for ``model``; TypeError for anything that is not a supported model."""
@@ -71,6 +73,7 @@ def scan_model(
     attention_mask: Any = None,
     batch_size: Optional[int] = None,
     progress: bool = False,
+    via: str = "auto",
 ) -> HeadScores:
     """Scores every head of a live model while its own forward pass runs.
 
@@ -97,11 +100,20 @@ def scan_model(
         Run the forward pass on at most this many prompts at a time (default: all at once).
     progress : bool
         A progress bar over layers and batches on stderr (tqdm if installed, else a counter).
+    via : {"auto", "lse", "recompute"}
+        Where each query row's normaliser (its log-sum-exp) comes from. ``"lse"``: from the
+        model's own attention kernel, so scoring forms only the target logits, O(n |T| d) per
+        head: Hugging Face models on sdpa on CPU (torch's flash kernel returns it) and
+        TransformerLens HookedTransformers (one pass over the logits they form anyway);
+        NotImplementedError elsewhere. ``"recompute"``: the fused kernel recomputes every row,
+        O(n^2 d). ``"auto"`` (default): ``"lse"`` where available, else recompute (always with
+        ``exclude_bos``, whose normaliser leaves key 0 out).
 
     Returns
     -------
     HeadScores
-        ``per_prompt[kind]`` of shape ``(batch, layer, head)``, ``scores[kind]`` their mean.
+        ``per_prompt[kind]`` of shape ``(batch, layer, head)``, ``scores[kind]`` their mean;
+        ``meta["via"]`` says, per layer, ``"lse"`` or ``"recompute"``.
 
     Notes
     -----
@@ -123,6 +135,10 @@ def scan_model(
     >>> induct_fast.scan_model(model, ids).top("induction", 3)
     """
     adapter = adapter_of(model)
+    if via not in VIA:
+        raise ValueError(f"via: expected one of {VIA}, got {via!r}")
+    if via == "lse" and exclude_bos:
+        raise ValueError("via: 'lse' cannot be combined with exclude_bos=True (the model's normaliser includes key 0)")
     names = _kind_names(kinds, offsets)
     ids = _as_ids(tokens)
     mask = _as_mask(attention_mask, ids.shape)
@@ -131,18 +147,21 @@ def scan_model(
     starts = range(0, ids.shape[0], size)
     bar = _Progress(len(starts) * n_layers, progress)
     per_batch = []
+    routes: list[str] = []
     try:
         with _inference(model):
             for start in starts:
                 chunk = slice(start, start + size)
                 chunk_mask = None if mask is None else mask[chunk]
-                scorer = LayerScorer(n_layers, ids[chunk], chunk_mask, names, bool(exclude_bos), bar.step)
+                scorer = LayerScorer(n_layers, ids[chunk], chunk_mask, names, bool(exclude_bos), bar.step, via)
                 input_ids, torch_mask = _model_inputs(model, ids[chunk], chunk_mask)
                 adapter.run(model, input_ids, torch_mask, scorer, chunk_mask)
                 per_batch.append(scorer.per_prompt())
+                routes = [scorer.routes[layer] for layer in range(n_layers)]
     finally:
         bar.close()
-    return HeadScores({name: np.concatenate([b[name] for b in per_batch], axis=0) for name in names})
+    meta = {"model": type(model).__name__, "via": routes}
+    return HeadScores({name: np.concatenate([b[name] for b in per_batch], axis=0) for name in names}, meta)
 
 
 def _as_ids(tokens: Any) -> np.ndarray:

@@ -122,6 +122,7 @@ class LayerScorer:
         names: list[str],
         exclude_bos: bool,
         on_layer: Optional[Callable[[], None]] = None,
+        via: str = "auto",
     ):
         self.n_layers = n_layers
         self.tokens = tokens
@@ -129,11 +130,28 @@ class LayerScorer:
         self.names = names
         self.exclude_bos = exclude_bos
         self.on_layer = on_layer
+        self.via = via
         self.results: dict[int, dict[str, np.ndarray]] = {}
+        self.routes: dict[int, str] = {}
 
-    def score(self, layer: int, q: Any, k: Any, rules: AttentionRules, layout: str) -> None:
-        """Scores layer ``layer`` from its q and k (torch tensors in ``layout``, "bnhd" or "bhnd");
-        raises :class:`StopForward` once every layer is done."""
+    @property
+    def wants_lse(self) -> bool:
+        """Whether adapters should take each row's log-sum-exp from the model's attention.
+
+        Not with exclude_bos: the model's normaliser includes key 0, the renormalised one not."""
+        return self.via != "recompute" and not self.exclude_bos
+
+    def missing_lse(self, layer: int, why: str) -> None:
+        """The model's LSE could not be had for ``layer``: fine under via="auto", an error under
+        via="lse"."""
+        if self.via == "lse":
+            raise NotImplementedError(f"via: 'lse' was asked for, but layer {layer} {why}; use via='auto' or 'recompute'")
+
+    def score(self, layer: int, q: Any, k: Any, rules: AttentionRules, layout: str, lse: Any = None) -> None:
+        """Scores layer ``layer`` from its q and k (torch tensors in ``layout``, "bnhd" or "bhnd")
+        and, when given, the log-sum-exp ``[batch, heads, n]`` of each row as the model's own
+        attention computed it (then only target logits are formed); raises
+        :class:`StopForward` once every layer is done."""
         if not 0 <= layer < self.n_layers:
             raise NotImplementedError(f"model: attention of layer {layer} was called, but the model has {self.n_layers} layers")
         if layer in self.results:
@@ -141,6 +159,9 @@ class LayerScorer:
                 f"model: the attention of layer {layer} ran twice in one forward pass (shared or recurrent layers are not supported)"
             )
         q, k = to_host(q), to_host(k)
+        options = rules.options()
+        if lse is not None:
+            options["lse"] = to_host(lse)
         self.results[layer] = scores_from_qk(
             q,
             k,
@@ -149,9 +170,10 @@ class LayerScorer:
             attention_mask=self.attention_mask,
             layout=layout,
             exclude_bos=self.exclude_bos,
-            **rules.options(),
+            **options,
         )
-        del q, k  # this layer's queries and keys are not kept
+        self.routes[layer] = "lse" if lse is not None else "recompute"
+        del q, k, options  # this layer's queries and keys are not kept
         release_free_memory()
         if self.on_layer is not None:
             self.on_layer()

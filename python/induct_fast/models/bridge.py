@@ -24,7 +24,7 @@ import numpy as np
 
 from . import huggingface
 from ._scoring import AttentionRules, LayerScorer, StopForward, is_transformer_lens
-from .transformer_lens import pair_hooks
+from .transformer_lens import joint_hooks
 
 
 def is_bridge(model: Any) -> bool:
@@ -75,6 +75,9 @@ def layer_rules(model: Any, layer: int) -> AttentionRules:
 def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, padding: Optional[np.ndarray]) -> None:
     """One forward pass with hooks on every layer's q and k, and pre-hooks that catch the mask
     each attention module is called with; all removed afterwards, also on error."""
+    # The bridge's hook_attn_scores holds patterns for some families (it fires on what the wrapped
+    # module returns), so the log-sum-exp is never taken from it: rows are recomputed.
+    scorer.missing_lse(0, "belongs to a TransformerBridge, whose hooks give no log-sum-exp")
     masks: dict[int, Any] = {}
     checks = huggingface.MaskChecks(padding)
     hooks, handles = [], []
@@ -85,7 +88,8 @@ def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, pa
             checks.check(masks.get(layer), rules, int(q.shape[1]), layer)
             scorer.score(layer, q, k, rules, "bnhd")
 
-        hooks.extend(pair_hooks(*qk_hooks(model, layer), score))
+        q_name, k_name = qk_hooks(model, layer)
+        hooks.extend(joint_hooks({"q": q_name, "k": k_name}, score))
         handles.append(model.blocks[layer].attn.register_forward_pre_hook(_catch_mask(masks, layer), with_kwargs=True))
     try:
         model.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=hooks, return_type=None)

@@ -151,11 +151,26 @@ def _base_function(base: str, module: Any) -> Callable:
 def _wrapper(base: str) -> Callable:
     def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
         session = _ACTIVE.get()
-        if session is not None:
-            if args:
-                raise NotImplementedError(f"model: {type(module).__name__} passes {len(args)} unnamed attention arguments")
-            session.score(module, query, key, attention_mask, kwargs)
-        return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        function = _base_function(base, module)
+        if session is None:  # another thread's pass, or after the scan: the model's own attention
+            return function(module, query, key, value, attention_mask, *args, **kwargs)
+        if args:
+            raise NotImplementedError(f"model: {type(module).__name__} passes {len(args)} unnamed attention arguments")
+        layer, rules = session.prepare(module, query, key, attention_mask, kwargs)
+        scorer = session.scorer
+        if not (scorer.wants_lse and base == "sdpa" and query.device.type == "cpu"):
+            scorer.missing_lse(layer, f"runs {base!r} attention on {query.device.type} (the LSE comes from sdpa on CPU)")
+            scorer.score(layer, query, key, rules, "bhnd")  # before the attention: the last layer's is then skipped
+            return function(module, query, key, value, attention_mask, **kwargs)
+        from ._flash import KeepLSE  # imports torch, which a model to scan has loaded already
+
+        keep = KeepLSE()
+        with keep:
+            output = function(module, query, key, value, attention_mask, **kwargs)
+        if keep.lse is None:
+            scorer.missing_lse(layer, "did not call torch's flash kernel")
+        scorer.score(layer, query, key, rules, "bhnd", lse=keep.lse)
+        return output
 
     return attention
 
@@ -169,7 +184,8 @@ class _Session:
         self.masks = MaskChecks(padding)
         self.calls = 0
 
-    def score(self, module: Any, query: Any, key: Any, mask: Any, kwargs: dict) -> None:
+    def prepare(self, module: Any, query: Any, key: Any, mask: Any, kwargs: dict) -> tuple[int, AttentionRules]:
+        """The layer index and rules of one attention call, after checking its mask."""
         layer = getattr(module, "layer_idx", None)
         layer = self.calls if layer is None else int(layer)
         self.calls += 1
@@ -178,7 +194,7 @@ class _Session:
         if int(key.shape[-2]) != n:
             raise NotImplementedError(f"model: layer {layer} attends to {key.shape[-2]} keys from {n} queries (a cache or cross-attention)")
         self.masks.check(mask, rules, n, layer)
-        self.scorer.score(layer, query, key, rules, "bhnd")
+        return layer, rules
 
 
 class MaskChecks:

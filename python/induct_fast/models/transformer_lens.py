@@ -71,13 +71,23 @@ def layer_rules(model: Any, layer: int) -> AttentionRules:
 
 
 def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, padding: Optional[np.ndarray]) -> None:
-    """One forward pass with hooks on every layer's q and k; hooks are removed afterwards (by
-    ``run_with_hooks``), also on error."""
+    """One forward pass with hooks on every layer's q and k (and, for the log-sum-exp, its masked
+    and softcapped ``hook_attn_scores``); hooks are removed afterwards (by ``run_with_hooks``),
+    also on error."""
     hooks = []
     for layer in range(n_layers(model)):
         rules = layer_rules(model, layer)
         q_name, k_name = qk_hooks(model.cfg, layer)
-        hooks.extend(pair_hooks(q_name, k_name, lambda q, k, layer=layer, rules=rules: scorer.score(layer, q, k, rules, "bnhd")))
+        names = {"q": q_name, "k": k_name}
+        if scorer.wants_lse:
+            names["scores"] = f"blocks.{layer}.attn.hook_attn_scores"
+
+        def score(q: Any, k: Any, scores: Any = None, layer: int = layer, rules: AttentionRules = rules) -> None:
+            # TransformerLens forms every logit anyway; their log-sum-exp is one pass over them.
+            lse = None if scores is None else scores.float().logsumexp(dim=-1)
+            scorer.score(layer, q, k, rules, "bnhd", lse=lse)
+
+        hooks.extend(joint_hooks(names, score))
     try:
         model.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=hooks, return_type=None)
     except StopForward:
@@ -85,17 +95,19 @@ def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, pa
     scorer.check_complete(model, "its hook points " + ", ".join(qk_hooks(model.cfg, 0)).replace("0", "{l}"))
 
 
-def pair_hooks(q_name: str, k_name: str, score: Callable[[Any, Any], None]) -> list:
-    """Hooks that hold a layer's q until its k arrives (either order), then call score(q, k)."""
+def joint_hooks(names: dict[str, str], score: Callable[..., None]) -> list:
+    """Hooks on ``names`` (role -> hook name) that hold each tensor until every role of the layer
+    has fired (in any order), then call ``score(**tensors)``."""
     held: dict[str, Any] = {}
 
     def keep(role: str):
         def hook(tensor: Any, hook: Any) -> None:
             held[role] = tensor
-            if len(held) == 2:
-                q, k = held.pop("q"), held.pop("k")
-                score(q, k)
+            if len(held) == len(names):
+                tensors = dict(held)
+                held.clear()
+                score(**tensors)
 
         return hook
 
-    return [(q_name, keep("q")), (k_name, keep("k"))]
+    return [(name, keep(role)) for role, name in names.items()]

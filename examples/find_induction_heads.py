@@ -13,29 +13,29 @@ Run:  python examples/find_induction_heads.py
 
 import numpy as np
 
-import induct_fast as inf
+import induct_fast as ift
 from induct_fast.demo import block_losses, build_demo_model
 
 SEED, PERIOD = 0, 18
 model = build_demo_model(seed=SEED)
-tokens = inf.repeated_tokens(batch=8, period=PERIOD, vocab_size=model.vocab_size, seed=SEED)
+tokens = ift.repeated_tokens(batch=8, period=PERIOD, vocab_size=model.vocab_size, seed=SEED)
 logits, patterns = model.run(tokens)  # patterns: [batch, layer, head, n, n]
 
-scores = inf.scan(patterns, tokens)  # a HeadScores: mean over the batch per (layer, head)
+scores = ift.scan(patterns, tokens)  # a HeadScores: mean over the batch per (layer, head)
 print(scores)
 (prev_layer, prev_head, _), = scores.top("previous_token", 1)
 (ind_layer, ind_head, _), = scores.top("induction", 1)
 
-k_comp = inf.composition_scores(model.W_Q, model.W_K, model.W_V, model.W_O, mode="K")
-baseline = inf.composition_baseline(model.W_Q.shape[2], model.d_head, seed=SEED)  # 500 random pairs
+k_comp = ift.composition_scores(model.W_Q, model.W_K, model.W_V, model.W_O, mode="K")
+baseline = ift.composition_baseline(model.W_Q.shape[2], model.d_head, seed=SEED)  # 500 random pairs
 circuit = k_comp[prev_layer, prev_head, ind_layer, ind_head]
 print(f"K-composition L{prev_layer}H{prev_head} -> L{ind_layer}H{ind_head}: {circuit:.3f} "
       f"(random heads: {baseline.mean:.3f} +- {baseline.std:.3f}, z = {baseline.zscore(circuit):.0f})")
 
-copying = inf.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
+copying = ift.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
 print(f"copying score of the induction head: {copying[ind_layer, ind_head]:.3f}")
 
-losses = inf.token_losses(logits, tokens)  # [batch, n - 1]; losses[:, i] predicts token i + 1
+losses = ift.token_losses(logits, tokens)  # [batch, n - 1]; losses[:, i] predicts token i + 1
 # The same block positions the first time and on the repeat (see block_losses for why the
 # block's first token is left out of both).
 first, repeat = block_losses(losses, PERIOD)

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-import induct_fast as inf
+import induct_fast as ift
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
 period = 1000
@@ -39,7 +39,7 @@ q[0, :, 0, :3], k[0, :, 0, :3] = looks_back(1)  # head 0: previous token
 q[0, :, 1, :3], k[0, :, 1, :3] = looks_back(period - 1)  # head 1: induction on the repeats
 
 start = time.perf_counter()
-scores = inf.scores_from_qk(q, k, tokens, kinds=("previous_token", "induction", "entropy"), scale=1.0)
+scores = ift.scores_from_qk(q, k, tokens, kinds=("previous_token", "induction", "entropy"), scale=1.0)
 elapsed = time.perf_counter() - start
 print(f"n = {n}, 4 heads, d_head = {d_head}: {elapsed * 1e3:.0f} ms "
       f"(the float64 patterns would be {4 * n * n * 8 / 2**30:.1f} GiB)")

@@ -193,3 +193,14 @@ def test_report_plot_has_a_title_units_and_readable_values(tmp_path, monkeypatch
     for ax in panels[:-1]:  # colour bars as tall as their maps
         bar = next(b for b in fig.axes if not b.get_title() and abs(b.get_position().y0 - ax.get_position().y0) < 0.02)
         assert abs(bar.get_position().height - ax.get_position().height) < 0.02
+
+
+def test_queries_and_keys_give_the_patterns_scores(model):
+    tokens = inf.repeated_tokens(4, 18, model.vocab_size, seed=3)
+    _, patterns = model.run(tokens)
+    q, k = model.queries_and_keys(tokens)
+    assert q.shape == k.shape == (4, model.n_layers, tokens.shape[1], model.n_heads, model.d_head)
+    np.testing.assert_allclose(inf.attention_patterns(q[:, 1], k[:, 1]), patterns[:, 1], atol=1e-12)
+    from_qk, from_patterns = inf.scan((q, k), tokens), inf.scan(patterns, tokens)
+    for kind in from_patterns.kinds:
+        np.testing.assert_allclose(from_qk[kind], from_patterns[kind], atol=1e-9)

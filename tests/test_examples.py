@@ -33,19 +33,3 @@ def test_example_and_demo_report_the_same_numbers():
     assert (float(loss[1]), float(loss[2])) == (round(report["loss_first_half"], 3), round(report["loss_second_half"], 3))
     z = re.search(r"z = (-?\d+)", out.stdout)
     assert z and int(z[1]) == round(report["k_composition_zscore"])
-
-
-def readme_block(heading: str) -> str:
-    """The first ```python block after `heading` in README.md."""
-    text = (EXAMPLES.parent / "README.md").read_text()
-    after = text[text.index(heading):]
-    start = after.index("```python\n") + len("```python\n")
-    return after[start:after.index("```", start)]
-
-
-def test_readme_live_models_snippet_runs():
-    """The README's scan_model example, as written (real transformers and TransformerLens models
-    built from configs, nothing downloaded)."""
-    code = readme_block("## Live models") + "\nassert scores.n_layers == 4 and scores.n_heads == 8\n"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]

@@ -86,7 +86,7 @@ class Layers:
     stacked: Any = None
     tokens: Optional[np.ndarray] = None
     lazy: bool = False
-    rules: Optional[list] = None
+    rules: Optional[list[Any]] = None
     prompts: Optional[tuple[int, int]] = None
 
 
@@ -217,7 +217,7 @@ def _keyed(cache: Any) -> Layers:
     return Layers("qk", items, n_qk, rules=rules)
 
 
-def _count_layers(keys: set, q_key: str, k_key: str) -> int:
+def _count_layers(keys: set[str], q_key: str, k_key: str) -> int:
     """How many layers 0, 1, ... have both keys."""
     n = 0
     while q_key.format(n) in keys and k_key.format(n) in keys:

@@ -20,7 +20,7 @@ linear algebra, so numpy's BLAS/LAPACK does the work; there is no Rust kernel he
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -84,7 +84,8 @@ def _unit_heads(W: np.ndarray) -> np.ndarray:
     if ((peak == 0) | ((peak > 1e-60) & (peak < 1e60))).all():
         return W
     _, exponent = np.frexp(peak)
-    return np.ldexp(W, np.where(peak > 0, -exponent, 0))
+    result: np.ndarray = np.ldexp(W, np.where(peak > 0, -exponent, 0))
+    return result
 
 
 def _kv_weights(x: Any, name: str, L: int, H: int, d_model: int, d_head: int) -> np.ndarray:
@@ -93,7 +94,8 @@ def _kv_weights(x: Any, name: str, L: int, H: int, d_model: int, d_head: int) ->
     n_kv = x.shape[1]
     ok = x.shape[0] == L and x.shape[2:] == (d_model, d_head) and H % n_kv == 0
     _require(ok, name, f"shape ({L}, H_kv, {d_model}, {d_head}) with H_kv dividing H={H} (from W_Q)", x.shape)
-    return x
+    result: np.ndarray = x
+    return result
 
 
 def _value_output(W_V: Any, W_O: Any) -> Tuple[np.ndarray, np.ndarray]:
@@ -131,7 +133,8 @@ def _per_head(x: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _gram(W: np.ndarray) -> np.ndarray:
     """W^T W over the last two axes: [..., m, d] -> [..., d, d] (BLAS syrk per matrix)."""
-    return np.matmul(np.swapaxes(W, -1, -2), W)
+    result: np.ndarray = np.matmul(np.swapaxes(W, -1, -2), W)
+    return result
 
 
 def _gram_operands(A: np.ndarray, M: np.ndarray, n_heads: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -170,10 +173,11 @@ def _right_operands(A: np.ndarray, B: np.ndarray, n_heads: int) -> Tuple[np.ndar
 def _squared_norms(operands: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """||R||_F^2 = tr(T^T X) = sum(T * X) per head."""
     T, X = operands
-    return np.einsum("nij,nij->n", T, X)
+    result: np.ndarray = np.einsum("nij,nij->n", T, X)
+    return result
 
 
-def _block_rows(d_model: int, width: int) -> list:
+def _block_rows(d_model: int, width: int) -> list[tuple[int, int]]:
     """Block rows (start, stop) of the upper triangle of a d_model x d_model matrix."""
     return [(s, min(s + width, d_model)) for s in range(0, d_model, width)]
 
@@ -183,10 +187,12 @@ def _row_length(row: Tuple[int, int], d_model: int) -> int:
     return (e - s) * (d_model - s)
 
 
-def _slabs(rows: list, d_model: int, bytes_per_column: int, budget: int) -> list:
+def _slabs(rows: list[tuple[int, int]], d_model: int, bytes_per_column: int, budget: int) -> list[list[tuple[int, int]]]:
     """Consecutive block rows grouped so that each slab's buffers stay within `budget` bytes
     (at least one row per slab)."""
-    slabs, current, size = [], [], 0
+    slabs: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    size = 0
     for row in rows:
         n = _row_length(row, d_model) * bytes_per_column
         if current and size + n > budget:
@@ -198,7 +204,9 @@ def _slabs(rows: list, d_model: int, bytes_per_column: int, budget: int) -> list
     return slabs
 
 
-def _packed_gram(operands: Tuple[np.ndarray, np.ndarray], slab: list, out: np.ndarray, halve_diagonal: bool) -> np.ndarray:
+def _packed_gram(
+    operands: Tuple[np.ndarray, np.ndarray], slab: list[tuple[int, int]], out: np.ndarray, halve_diagonal: bool
+) -> np.ndarray:
     """Block rows [s:e, s:] of every head's T^T X, packed side by side: [N, sum of row lengths].
 
     For symmetric G and K, tr(G K) = 2 (sum_I <G_II, K_II> / 2 + sum_{I<J} <G_IJ, K_IJ>), so the
@@ -219,7 +227,7 @@ def _packed_gram(operands: Tuple[np.ndarray, np.ndarray], slab: list, out: np.nd
     return out[:, :offset]
 
 
-def _right_groups(n_right_layers: int, n_heads: int, n_left: int, per_group: int = _GROUP) -> list:
+def _right_groups(n_right_layers: int, n_heads: int, n_left: int, per_group: int = _GROUP) -> list[tuple[slice, int]]:
     """(right rows, left rows needed) per group of right layers, triangular blocking.
 
     Right layer j (absolute layer j + 1) pairs with left layers 0..j only, so a group of right
@@ -228,7 +236,7 @@ def _right_groups(n_right_layers: int, n_heads: int, n_left: int, per_group: int
     """
     n_groups = max(1, min(n_right_layers, round(n_right_layers * n_heads / per_group)))
     bounds = np.linspace(0, n_right_layers, n_groups + 1).round().astype(int)
-    groups = []
+    groups: list[tuple[slice, int]] = []
     for j0, j1 in zip(bounds[:-1], bounds[1:]):
         if j1 > j0:
             groups.append((slice(j0 * n_heads, j1 * n_heads), min(j1 * n_heads, n_left)))
@@ -302,6 +310,10 @@ def _composition(
     return scores
 
 
+@overload
+def composition_scores(W_Q: Any, W_K: Any, W_V: Any, W_O: Any, *, mode: str = "K") -> np.ndarray: ...
+@overload
+def composition_scores(W_Q: Any, W_K: Any, W_V: Any, W_O: Any, *, mode: Union[Tuple[str, ...], List[str]]) -> Dict[str, np.ndarray]: ...
 def composition_scores(
     W_Q: Any, W_K: Any, W_V: Any, W_O: Any, *, mode: ModeArg = "K"
 ) -> Union[np.ndarray, Dict[str, np.ndarray]]:
@@ -345,16 +357,16 @@ def composition_scores(
 
     Examples
     --------
-    >>> import numpy as np, induct_fast as inf
+    >>> import numpy as np, induct_fast as ift
     >>> rng = np.random.default_rng(0)
     >>> W_Q, W_K, W_V = (rng.normal(size=(2, 4, 32, 8)) for _ in range(3))
     >>> W_O = rng.normal(size=(2, 4, 8, 32))
-    >>> inf.composition_scores(W_Q, W_K, W_V, W_O, mode="K").shape
+    >>> ift.composition_scores(W_Q, W_K, W_V, W_O, mode="K").shape
     (2, 4, 2, 4)
     """
     modes = _parse_modes(mode)
-    weights = [_unit_heads(W) for W in _attention_weights(W_Q, W_K, W_V, W_O)]
-    scores = _composition(*weights, modes)
+    Q, K, V, O = (_unit_heads(W) for W in _attention_weights(W_Q, W_K, W_V, W_O))
+    scores = _composition(Q, K, V, O, modes)
     return scores if not isinstance(mode, str) else scores[modes[0]]
 
 
@@ -418,7 +430,8 @@ def _wishart_factor(df: int, p: int, n: int, rng: np.random.Generator) -> np.nda
 
 def _fro2(x: np.ndarray) -> np.ndarray:
     """Squared Frobenius norms of a stack [n, a, b] -> [n], accumulated in float64."""
-    return np.einsum("nij,nij->n", x, x, dtype=np.float64)
+    result: np.ndarray = np.einsum("nij,nij->n", x, x, dtype=np.float64)
+    return result
 
 
 def _baseline_samples(d_model: int, d_head: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -441,7 +454,8 @@ def _baseline_samples(d_model: int, d_head: int, n: int, rng: np.random.Generato
     num = _fro2(left @ R_A @ F_Bt)
     left_sq = _fro2(left) + _fro2(F_2 @ np.swapaxes(F_V, 1, 2))
     right_sq = _fro2(R_A @ F_Bt)
-    return np.sqrt(num / (left_sq * right_sq))
+    result: np.ndarray = np.sqrt(num / (left_sq * right_sq))
+    return result
 
 
 def _square_samples(d_model: int, d_head: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -455,7 +469,8 @@ def _square_samples(d_model: int, d_head: int, n: int, rng: np.random.Generator)
     L_A = np.swapaxes(_wishart_factor(d_head, d_model, n, rng), 1, 2)
     Z1, Z2 = (rng.standard_normal((n, d_model, d_model), dtype=np.float32) for _ in range(2))
     OV, R = L_V @ Z1, L_A @ Z2
-    return np.sqrt(_fro2(OV @ R) / (_fro2(OV) * _fro2(R)))
+    result: np.ndarray = np.sqrt(_fro2(OV @ R) / (_fro2(OV) * _fro2(R)))
+    return result
 
 
 def composition_baseline(d_model: int, d_head: int, *, n: int = 500, seed: Optional[int] = 0) -> CompositionBaseline:
@@ -489,8 +504,8 @@ def composition_baseline(d_model: int, d_head: int, *, n: int = 500, seed: Optio
 
     Examples
     --------
-    >>> import induct_fast as inf
-    >>> b = inf.composition_baseline(768, 64, n=200, seed=0)
+    >>> import induct_fast as ift
+    >>> b = ift.composition_baseline(768, 64, n=200, seed=0)
     >>> 0.03 < b.mean < 0.05
     True
     """
@@ -517,9 +532,9 @@ def _is_transpose(W_U: np.ndarray, W_E: np.ndarray) -> bool:
 
 def _unembed_embed(W_U: np.ndarray, W_E: np.ndarray) -> np.ndarray:
     """W_U W_E [d_model, d_model]: the only product over the vocabulary, formed once."""
-    if _is_transpose(W_U, W_E):
-        return W_E.T @ W_E  # same buffer transposed: numpy uses syrk, half the work
-    return W_U @ W_E
+    # W_E.T @ W_E: the same buffer transposed, so numpy uses syrk, half the work.
+    result: np.ndarray = W_E.T @ W_E if _is_transpose(W_U, W_E) else W_U @ W_E
+    return result
 
 
 def _embedding_weights(W_E: Any, W_U: Any, d_model: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -585,7 +600,8 @@ def copying_scores(W_E: Any, W_V: Any, W_O: Any, W_U: Any) -> np.ndarray:
     """
     eig = ov_eigenvalues(W_E, W_V, W_O, W_U)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return eig.sum(axis=-1).real / np.abs(eig).sum(axis=-1)
+        result: np.ndarray = eig.sum(axis=-1).real / np.abs(eig).sum(axis=-1)
+        return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,4 +668,5 @@ def _previous_position_mass(logits: np.ndarray) -> np.ndarray:
     weights = np.exp(logits)
     rows = np.arange(1, n)
     mass = weights[:, rows, rows - 1] / weights[:, rows].sum(axis=-1)
-    return mass.mean(axis=-1)
+    result: np.ndarray = mass.mean(axis=-1)
+    return result

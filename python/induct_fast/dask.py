@@ -107,7 +107,7 @@ def _tokens_like(da: Any, tokens: Any, array: Any) -> Any:
     return tokens.rechunk((array.chunks[0], -1))
 
 
-def _block_scores(block: np.ndarray, *rest: np.ndarray, names: tuple, exclude_bos: bool, has_tokens: bool) -> np.ndarray:
+def _block_scores(block: np.ndarray, *rest: np.ndarray, names: tuple[str, ...], exclude_bos: bool, has_tokens: bool) -> np.ndarray:
     """[kinds, *lead_block] scores of one block (runs on a worker)."""
     from .scores import head_scores
 

@@ -78,23 +78,23 @@ class DemoModel:
 
     @property
     def n_layers(self) -> int:
-        return self.W_Q.shape[0]
+        return int(self.W_Q.shape[0])
 
     @property
     def n_heads(self) -> int:
-        return self.W_Q.shape[1]
+        return int(self.W_Q.shape[1])
 
     @property
     def d_head(self) -> int:
-        return self.W_Q.shape[3]
+        return int(self.W_Q.shape[3])
 
     @property
     def vocab_size(self) -> int:
-        return self.W_E.shape[0]
+        return int(self.W_E.shape[0])
 
     @property
     def n_ctx(self) -> int:
-        return self.W_pos.shape[0]
+        return int(self.W_pos.shape[0])
 
     def run(self, tokens: Any) -> Tuple[np.ndarray, np.ndarray]:
         """Forward pass.
@@ -109,27 +109,43 @@ class DemoModel:
         patterns : ndarray, shape (batch, n_layers, n_heads, n, n)
             Attention patterns, query rows and key columns.
         """
+        logits, patterns, _, _ = self._forward(tokens)
+        return logits, patterns
+
+    def queries_and_keys(self, tokens: Any) -> Tuple[np.ndarray, np.ndarray]:
+        """Each layer's queries and keys on ``tokens``, as its attention uses them.
+
+        Returns
+        -------
+        q, k : ndarray, shape (batch, n_layers, n, n_heads, d_head)
+            The layout ``scan((q, k))`` reads (per layer, TransformerLens's ``hook_q``/``hook_k``);
+            ``scores_from_qk(q[:, l], k[:, l], tokens, scale=1 / sqrt(d_head))`` gives layer l's
+            scores without its n x n patterns (1 / sqrt(d_head) is also the default scale).
+        """
+        _, _, q, k = self._forward(tokens)
+        return q, k
+
+    def _forward(self, tokens: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """logits, patterns [batch, layer, head, n, n], q and k [batch, layer, n, head, d_head]."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.n_ctx:
             raise ValueError(f"tokens: expected shape (batch, n) with n <= {self.n_ctx}, got {tokens.shape}")
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise ValueError(f"tokens: expected ids in 0..{self.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
         resid = self.W_E[tokens] + self.W_pos[: tokens.shape[1]]
-        patterns = []
+        patterns, queries, keys = [], [], []
         for layer in range(self.n_layers):
-            out, pattern = self._attention(layer, resid)
-            resid = resid + out
+            q = np.einsum("bnd,hde->bnhe", resid, self.W_Q[layer])
+            k = np.einsum("bnd,hde->bnhe", resid, self.W_K[layer])
+            v = np.einsum("bnd,hde->bnhe", resid, self.W_V[layer])
+            pattern = attention_patterns(q, k, scale=1.0 / math.sqrt(self.d_head))
+            z = np.einsum("bhij,bjhe->bihe", pattern, v)
+            resid = resid + np.einsum("bihe,hed->bid", z, self.W_O[layer])
             patterns.append(pattern)
-        return resid @ self.W_U, np.stack(patterns, axis=1)
-
-    def _attention(self, layer: int, resid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """One attention layer: its output [batch, n, d_model] and pattern [batch, heads, n, n]."""
-        q = np.einsum("bnd,hde->bnhe", resid, self.W_Q[layer])
-        k = np.einsum("bnd,hde->bnhe", resid, self.W_K[layer])
-        v = np.einsum("bnd,hde->bnhe", resid, self.W_V[layer])
-        pattern = attention_patterns(q, k, scale=1.0 / math.sqrt(self.d_head))
-        z = np.einsum("bhij,bjhe->bihe", pattern, v)
-        return np.einsum("bihe,hed->bid", z, self.W_O[layer]), pattern
+            queries.append(q)
+            keys.append(k)
+        logits: np.ndarray = resid @ self.W_U
+        return logits, np.stack(patterns, axis=1), np.stack(queries, axis=1), np.stack(keys, axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +165,11 @@ class _Layout:
         self.used = self.out + vocab
 
 
-def _previous_token_head(L: _Layout, vocab: int, n_ctx: int, d: int, d_head: int):
+# W_Q, W_K, W_V [d_model, d_head] and W_O [d_head, d_model] of one head.
+_Head = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _previous_token_head(L: _Layout, vocab: int, n_ctx: int, d: int, d_head: int) -> _Head:
     """QK: query i -> slot i, key j -> slot j+1, so only key i-1 matches; OV: tok -> prev."""
     W_Q, W_K, W_V, W_O = _empty_head(d, d_head)
     strength = _LOGIT * math.sqrt(d_head)
@@ -160,7 +180,7 @@ def _previous_token_head(L: _Layout, vocab: int, n_ctx: int, d: int, d_head: int
     return W_Q, W_K, W_V, W_O
 
 
-def _duplicate_token_head(L: _Layout, vocab: int, n_ctx: int, d: int, d_head: int):
+def _duplicate_token_head(L: _Layout, vocab: int, n_ctx: int, d: int, d_head: int) -> _Head:
     """QK: same token +logit, same position -2 logit (no self-match); OV: tok -> dup."""
     W_Q, W_K, W_V, W_O = _empty_head(d, d_head)
     strength = _LOGIT * math.sqrt(d_head)
@@ -173,7 +193,7 @@ def _duplicate_token_head(L: _Layout, vocab: int, n_ctx: int, d: int, d_head: in
     return W_Q, W_K, W_V, W_O
 
 
-def _induction_head(L: _Layout, vocab: int, d: int, d_head: int):
+def _induction_head(L: _Layout, vocab: int, d: int, d_head: int) -> _Head:
     """QK: query reads t[i] from tok, key reads t[j-1] from prev (K-composition); OV: tok -> out."""
     W_Q, W_K, W_V, W_O = _empty_head(d, d_head)
     v = np.arange(vocab)
@@ -183,7 +203,7 @@ def _induction_head(L: _Layout, vocab: int, d: int, d_head: int):
     return W_Q, W_K, W_V, W_O
 
 
-def _empty_head(d: int, d_head: int):
+def _empty_head(d: int, d_head: int) -> _Head:
     return np.zeros((d, d_head)), np.zeros((d, d_head)), np.zeros((d, d_head)), np.zeros((d_head, d))
 
 
@@ -297,19 +317,19 @@ def demo_report(seed: int = 0, *, batch: int = 8, period: int = 18, baseline_sam
         per-token loss on the first block / on its repeat, over the same block positions, see
         :func:`block_losses`) and ``icl_loss_drop`` (first minus second).
     """
-    import induct_fast as inf
+    import induct_fast as ift
 
     model = build_demo_model(seed)
-    tokens = inf.repeated_tokens(batch, period, model.vocab_size, seed=seed)
+    tokens = ift.repeated_tokens(batch, period, model.vocab_size, seed=seed)
     logits, patterns = model.run(tokens)
-    scores = {k: v.mean(axis=0) for k, v in inf.head_scores(patterns, tokens, kinds=KINDS).items()}
+    scores = {k: v.mean(axis=0) for k, v in ift.head_scores(patterns, tokens, kinds=KINDS).items()}
     found = {kind: _argmax_head(scores[kind]) for kind in KINDS}
-    k_comp = inf.composition_scores(model.W_Q, model.W_K, model.W_V, model.W_O, mode="K")
-    baseline = inf.composition_baseline(model.W_Q.shape[2], model.d_head, n=baseline_samples, seed=seed)
+    k_comp = ift.composition_scores(model.W_Q, model.W_K, model.W_V, model.W_O, mode="K")
+    baseline = ift.composition_baseline(model.W_Q.shape[2], model.d_head, n=baseline_samples, seed=seed)
     prev, ind = found["previous_token"], found["induction"]
     k_score = float(k_comp[prev[0], prev[1], ind[0], ind[1]])
-    copying = inf.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
-    loss = inf.token_losses(logits, tokens)
+    copying = ift.copying_scores(model.W_E, model.W_V, model.W_O, model.W_U)
+    loss = ift.token_losses(logits, tokens)
     first, second = block_losses(loss, period)
     return {
         "model": {"n_layers": model.n_layers, "n_heads": model.n_heads, "d_model": model.W_Q.shape[2],
@@ -372,13 +392,13 @@ def plot_report(report: Dict[str, Any], path: str) -> None:
     from .results import _heatmap
 
     k_comp = np.array(report["k_composition_matrix"], dtype=float)
-    mass = {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis", "label": "attention mass on targets"}
+    mass: Dict[str, Any] = {"vmin": 0.0, "vmax": 1.0, "cmap": "viridis", "label": "attention mass on targets"}
     panels = [(kind.replace("_", " ") + " score", np.array(report["head_scores"][kind], dtype=float), mass, "head", "layer") for kind in KINDS]
     chance = report["k_composition_baseline"]
-    comp = {"vmin": 0.0, "vmax": max(float(np.nanmax(k_comp)), 2 * chance), "cmap": "cividis",
+    comp: Dict[str, Any] = {"vmin": 0.0, "vmax": max(float(np.nanmax(k_comp)), 2 * chance), "cmap": "cividis",
             "label": f"K-composition (chance {chance:.3f})"}
     panels.append(("K-composition L0 -> L1", k_comp, comp, "L1 head (reader)", "L0 head (writer)"))
-    copying = {"vmin": -1.0, "vmax": 1.0, "cmap": "RdBu", "label": "copying score (-1 to 1)"}
+    copying: Dict[str, Any] = {"vmin": -1.0, "vmax": 1.0, "cmap": "RdBu", "label": "copying score (-1 to 1)"}
     panels.append(("OV copying score", np.array(report["copying_scores"], dtype=float), copying, "head", "layer"))
     m = report["model"]
     fig = Figure(figsize=(13.5, 6.2), layout="constrained")

@@ -48,6 +48,7 @@ _TL_QK = (("blocks.{}.attn.hook_rot_q", "blocks.{}.attn.hook_rot_k"), ("blocks.{
 _SHOWN_KEYS = 8  # keys listed in an error message before "... and N more"
 
 PathLike = Union[str, "os.PathLike[str]"]
+Shape = tuple[int, ...]
 
 
 class PatternFile:
@@ -134,7 +135,7 @@ class PatternFile:
     def _read_pair(self, q_key: str, k_key: str) -> tuple[np.ndarray, np.ndarray]:
         return self._reader.read(q_key, None), self._reader.read(k_key, None)
 
-    def _read_tokens(self, entries: dict[str, tuple]) -> Optional[np.ndarray]:
+    def _read_tokens(self, entries: dict[str, Shape]) -> Optional[np.ndarray]:
         if TOKENS_KEY not in entries:
             return None
         return np.array(self._reader.read(TOKENS_KEY, None))
@@ -193,13 +194,13 @@ def split_key(spec: str) -> tuple[str, Optional[str]]:
 # -- layout ------------------------------------------------------------------------------------
 
 
-def natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple[Union[str, int], ...]:
     """Sort key that orders embedded numbers by value: ``layer2`` < ``layer10``."""
     parts = re.split(r"(\d+)", name)
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
-def _select(path: Path, entries: dict[str, tuple], key: Optional[str]) -> dict[str, tuple]:
+def _select(path: Path, entries: dict[str, Shape], key: Optional[str]) -> dict[str, Shape]:
     if key is None:
         return entries
     chosen = {k: s for k, s in entries.items() if fnmatch.fnmatchcase(k, key)}
@@ -208,7 +209,7 @@ def _select(path: Path, entries: dict[str, tuple], key: Optional[str]) -> dict[s
     return chosen
 
 
-def _layout(path: Path, entries: dict[str, tuple], key: Optional[str] = None) -> tuple[list[str], bool, tuple, int]:
+def _layout(path: Path, entries: dict[str, Shape], key: Optional[str] = None) -> tuple[list[str], bool, Shape, int]:
     """(layer keys in order, stacked?, layer shape, number of layers) after checking shapes."""
     if not entries:
         raise ValueError(f"{path}: expected arrays of attention patterns, found none")
@@ -237,7 +238,7 @@ def _layout(path: Path, entries: dict[str, tuple], key: Optional[str] = None) ->
     return keys, False, tuple(entries[first]), len(keys)
 
 
-def _tl_qk_keys(entries: dict[str, tuple]) -> Optional[tuple[str, str, int]]:
+def _tl_qk_keys(entries: dict[str, Shape]) -> Optional[tuple[str, str, int]]:
     """(q key, k key templates, layers) of a saved TransformerLens cache without patterns."""
     for q_key, k_key in _TL_QK:
         n = 0
@@ -248,7 +249,7 @@ def _tl_qk_keys(entries: dict[str, tuple]) -> Optional[tuple[str, str, int]]:
     return None
 
 
-def _qk_layout(path: Path, entries: dict[str, tuple], q_key: str, k_key: str, n: int) -> tuple[list[str], list[str], tuple]:
+def _qk_layout(path: Path, entries: dict[str, Shape], q_key: str, k_key: str, n: int) -> tuple[list[str], list[str], Shape]:
     qs = [q_key.format(layer) for layer in range(n)]
     ks = [k_key.format(layer) for layer in range(n)]
     for names in (qs, ks):
@@ -262,15 +263,15 @@ def _qk_layout(path: Path, entries: dict[str, tuple], q_key: str, k_key: str, n:
     return qs, ks, tuple(entries[qs[0]])
 
 
-def _looks_like_patterns(name: str, shape: tuple) -> bool:
+def _looks_like_patterns(name: str, shape: Shape) -> bool:
     return len(shape) in (4, 5) and shape[-1] == shape[-2]
 
 
-def _looks_like_tokens(name: str, shape: tuple) -> bool:
+def _looks_like_tokens(name: str, shape: Shape) -> bool:
     return len(shape) in (1, 2) and "token" in name.lower()
 
 
-def _some_keys(entries: dict[str, tuple], likely: Optional[Callable[[str, tuple], bool]] = None) -> str:
+def _some_keys(entries: dict[str, Shape], likely: Optional[Callable[[str, Shape], bool]] = None) -> str:
     """A short list of keys for an error message: those that fit (``likely``) first, with shapes,
     at most a few, then how many more there are."""
     if not entries:
@@ -319,15 +320,16 @@ class _NpyReader:
 
     def _map(self) -> np.ndarray:
         try:
-            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+            mapped: np.ndarray = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            return mapped
         except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"{self.path}: not a readable .npy file ({exc})") from None
 
-    def entries(self) -> dict[str, tuple]:
+    def entries(self) -> dict[str, Shape]:
         shape = self._check_header()
         return {"": shape}
 
-    def _check_header(self) -> tuple:
+    def _check_header(self) -> Shape:
         """The array's shape from the header, after checking the file holds all its data (a
         truncated file would otherwise fail deep inside mmap)."""
         try:
@@ -357,9 +359,11 @@ class _NpyReader:
 
 
 class _NpzReader:
+    """Members of an .npz archive; stored (uncompressed) ones are memory-mapped in place."""
+
     def __init__(self, path: Path):
         self.path = path
-        self._headers: dict[str, tuple] = {}  # key -> (member name, shape, fortran, dtype, offset or None)
+        self._headers: dict[str, _Member] = {}
         self._whole: dict[str, np.ndarray] = {}
         try:
             with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
@@ -369,11 +373,12 @@ class _NpzReader:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as exc:
             raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
 
-    def entries(self) -> dict[str, tuple]:
+    def entries(self) -> dict[str, Shape]:
         return {key: header[1] for key, header in self._headers.items()}
 
     def read(self, key: str, layer: Optional[int]) -> np.ndarray:
         name, shape, fortran, dtype, offset = self._headers[key]
+        array: np.ndarray
         if offset is not None:
             array = np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
         elif layer is not None:
@@ -387,10 +392,15 @@ class _NpzReader:
 
     def _load_member(self, name: str) -> np.ndarray:
         with zipfile.ZipFile(self.path) as archive, archive.open(name) as member:
-            return np.lib.format.read_array(member, allow_pickle=False)
+            array: np.ndarray = np.lib.format.read_array(member, allow_pickle=False)
+        return array
 
 
-def _npz_member_header(archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo) -> tuple:
+# One .npy member of an .npz: (member name, shape, fortran order, dtype, data offset or None).
+_Member = tuple[str, Shape, bool, np.dtype[Any], Optional[int]]
+
+
+def _npz_member_header(archive: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo) -> _Member:
     """(name, shape, fortran, dtype, data offset in the archive or None) of one .npy member.
 
     The offset is known for stored (uncompressed) members only, which can then be mapped:
@@ -423,7 +433,7 @@ class _SafetensorsReader:
             raise ImportError(
                 f"{path}: reading .safetensors files needs the safetensors package: pip install safetensors"
             ) from None
-        self._open = lambda: safe_open(str(path), framework="numpy")
+        self._open: Callable[[], Any] = lambda: safe_open(str(path), framework="numpy")
         try:
             with self._open() as f:
                 slices = {key: f.get_slice(key) for key in f.keys()}
@@ -432,7 +442,7 @@ class _SafetensorsReader:
         except Exception as exc:  # SafetensorError is not importable under a stable name
             raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from None
 
-    def entries(self) -> dict[str, tuple]:
+    def entries(self) -> dict[str, Shape]:
         return dict(self._shapes)
 
     def read(self, key: str, layer: Optional[int]) -> np.ndarray:
@@ -440,6 +450,7 @@ class _SafetensorsReader:
             raise TypeError(f"{self.path}: {key!r} is bfloat16, which numpy cannot hold; save it as float32 or float16")
         try:
             with self._open() as f:
-                return f.get_tensor(key) if layer is None else f.get_slice(key)[:, layer]
+                array: np.ndarray = f.get_tensor(key) if layer is None else f.get_slice(key)[:, layer]
+            return array
         except Exception as exc:
             raise ValueError(f"{self.path}: could not read {key!r} ({exc})") from None

@@ -80,7 +80,8 @@ class HeadScores:
 
     @property
     def _shape(self) -> tuple[int, int, int]:
-        return next(iter(self.per_prompt.values())).shape  # type: ignore[return-value]
+        batch, layers, heads = next(iter(self.per_prompt.values())).shape
+        return batch, layers, heads
 
     def __getitem__(self, kind: str) -> np.ndarray:
         """The ``[layer, head]`` grid of ``kind``."""
@@ -435,12 +436,14 @@ def _mean_over_prompts(values: np.ndarray) -> np.ndarray:
         return np.full(values.shape[1:], np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=0)
+        mean: np.ndarray = np.nanmean(values, axis=0)
+    return mean
 
 
-def _json_list(values: np.ndarray) -> list:
+def _json_list(values: np.ndarray) -> list[Any]:
     """Nested lists of Python floats, NaN (and inf) as None, so json.dumps gives strict JSON."""
-    return _finite_or_none(values.tolist())
+    nested: list[Any] = _finite_or_none(values.tolist())
+    return nested
 
 
 def _finite_or_none(x: Any) -> Any:

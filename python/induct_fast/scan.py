@@ -110,7 +110,11 @@ def scan(
     return HeadScores(_stack_layers(_score_layers(layers, score, progress), names))
 
 
-def _score_layers(layers: Layers, score: Callable[[int, Any], dict], progress: bool) -> Iterator[dict]:
+# The scores of one layer: {kind: [batch, head]}.
+LayerScores = dict[str, np.ndarray]
+
+
+def _score_layers(layers: Layers, score: Callable[[int, Any], LayerScores], progress: bool) -> Iterator[LayerScores]:
     """Scores of each layer in turn; a layer is released before the next one is read."""
     for index, item in enumerate(_progress(layers.items, layers.n_layers, progress)):
         # A lazy item is read here and referenced by `score` alone, so its memory (a file
@@ -136,9 +140,9 @@ def _with_layer(exc: ValueError, layer: int) -> ValueError:
     return ValueError(f"{name}: {what} at index ({batch}, {layer}, {rest}) of the [batch, layer, ...] source")
 
 
-def _stack_layers(per_layer: Iterable[dict], names: list[str]) -> dict[str, np.ndarray]:
+def _stack_layers(per_layer: Iterable[LayerScores], names: list[str]) -> dict[str, np.ndarray]:
     """{kind: [batch, layer, head]} from per-layer {kind: [batch, head]}."""
-    collected: dict[str, list] = {name: [] for name in names}
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for result in per_layer:
         for name in names:
             collected[name].append(result[name])
@@ -149,12 +153,12 @@ def _stack_layers(per_layer: Iterable[dict], names: list[str]) -> dict[str, np.n
 
 def _pattern_scorer(
     tokens: Optional[np.ndarray], names: list[str], exclude_bos: bool, mask: Optional[np.ndarray]
-) -> Callable[[int, Any], dict]:
+) -> Callable[[int, Any], LayerScores]:
     """Scores one layer of patterns [batch, head, n, n] ([head, n, n]: a batch of one), after
     checking it has the first layer's shape."""
-    first: list[tuple] = []
+    first: list[tuple[int, ...]] = []
 
-    def score(index: int, layer: Any) -> dict:
+    def score(index: int, layer: Any) -> LayerScores:
         array = as_float_array(layer, f"layer {index}")
         if array.ndim == 3:
             array = array[None]
@@ -171,16 +175,16 @@ def _pattern_scorer(
 
 
 def _qk_scorer(
-    tokens: Optional[np.ndarray], names: list[str], options: dict, rules: Optional[list]
-) -> Callable[[int, Any], dict]:
+    tokens: Optional[np.ndarray], names: list[str], options: dict[str, Any], rules: Optional[list[Any]]
+) -> Callable[[int, Any], LayerScores]:
     """Scores one layer's (q, k) through induct_fast.scores_from_qk, with that layer's rules (a
     cache model's) under the caller's options."""
     from .attention import scores_from_qk
 
-    def score(index: int, pair: Any) -> dict:
+    def score(index: int, pair: Any) -> LayerScores:
         q, k = pair
         layer_options = {**(rules[index].options() if rules is not None else {}), **options}
-        result = scores_from_qk(q, k, tokens, kinds=names, **layer_options)
+        result: LayerScores = scores_from_qk(q, k, tokens, kinds=names, **layer_options)
         for name in names:
             if np.ndim(result[name]) != 2:
                 raise ValueError(
@@ -222,7 +226,8 @@ def _progress(items: Iterable[Any], total: Optional[int], enabled: bool) -> Iter
         from tqdm.auto import tqdm
     except ImportError:
         return _counter(items, total)
-    return tqdm(items, total=total, desc="scan", unit="layer", file=sys.stderr)
+    bar: Iterable[Any] = tqdm(items, total=total, desc="scan", unit="layer", file=sys.stderr)
+    return bar
 
 
 def _counter(items: Iterable[Any], total: Optional[int]) -> Iterator[Any]:

@@ -116,10 +116,10 @@ def head_scores(
 
     Examples
     --------
-    >>> import numpy as np, induct_fast as inf
-    >>> tokens = inf.repeated_tokens(1, period=5, vocab_size=50, seed=0)[0]
+    >>> import numpy as np, induct_fast as ift
+    >>> tokens = ift.repeated_tokens(1, period=5, vocab_size=50, seed=0)[0]
     >>> A = np.tril(np.ones((11, 11))) / np.arange(1, 12)[:, None]
-    >>> s = inf.head_scores(A, tokens)
+    >>> s = ift.head_scores(A, tokens)
     >>> round(float(s["previous_token"]), 3)
     0.202
     """

@@ -67,9 +67,9 @@ def token_losses(logits: Any, tokens: Any) -> np.ndarray:
 
     Examples
     --------
-    >>> import numpy as np, induct_fast as inf
+    >>> import numpy as np, induct_fast as ift
     >>> logits = np.zeros((1, 3, 4), dtype=np.float32)        # uniform over 4 tokens
-    >>> np.round(inf.token_losses(logits, [[0, 1, 2]]), 4)     # log 4
+    >>> np.round(ift.token_losses(logits, [[0, 1, 2]]), 4)     # log 4
     array([[1.3863, 1.3863]])
     """
     arr = as_float_array(logits, "logits")
@@ -83,6 +83,7 @@ def token_losses(logits: Any, tokens: Any) -> np.ndarray:
         index = tuple(int(i) for i in np.unravel_index(int(raw.argmax()), raw.shape))
         raise ValueError(f"tokens: expected token ids in [0, vocab_size), got {raw[index]} at index {index}")
     ids = as_tokens(tokens, "tokens")
+    assert ids is not None  # None was refused above
     return _core.token_losses(arr, ids)
 
 

@@ -177,7 +177,7 @@ def _as_ids(tokens: Any) -> np.ndarray:
     return ids
 
 
-def _as_mask(attention_mask: Any, shape: tuple) -> Optional[np.ndarray]:
+def _as_mask(attention_mask: Any, shape: tuple[int, ...]) -> Optional[np.ndarray]:
     if hasattr(attention_mask, "detach") and hasattr(attention_mask, "cpu"):
         attention_mask = attention_mask.detach().cpu()
     mask = as_key_mask(attention_mask)

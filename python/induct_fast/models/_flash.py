@@ -28,7 +28,7 @@ class KeepLSE(TorchFunctionMode):
         self.lse: Any = None
         self.calls = 0
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **kwargs)
@@ -44,7 +44,7 @@ class KeepLSE(TorchFunctionMode):
 def _flash_arguments(
     query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
     scale: Optional[float] = None, enable_gqa: bool = False,
-) -> Optional[tuple[tuple, dict]]:
+) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
     """sdpa's arguments as the CPU flash kernel takes them, or None where it does not apply.
 
     Grouped-query keys are repeated (as sdpa's enable_gqa does, same results); a bool mask

@@ -101,8 +101,8 @@ def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, pa
     scorer.check_complete(model, "its q/k hook points")
 
 
-def _catch_mask(masks: dict, layer: int) -> Any:
-    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+def _catch_mask(masks: dict[int, Any], layer: int) -> Any:
+    def pre_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         masks[layer] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     return pre_hook

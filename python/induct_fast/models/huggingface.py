@@ -135,20 +135,21 @@ def _register(base: str) -> str:
     return name
 
 
-def _base_function(base: str, module: Any) -> Callable:
+def _base_function(base: str, module: Any) -> Callable[..., Any]:
     """The function the model itself would call: the registered implementation, or for "eager"
     the modeling file's own ``eager_attention_forward`` (transformers' default for it)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if base != "eager" and base in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[base]
-    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        registered: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS[base]
+        return registered
+    function: Optional[Callable[..., Any]] = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if function is None:
         raise NotImplementedError(f"model: {type(module).__name__} has no eager attention function to wrap")
     return function
 
 
-def _wrapper(base: str) -> Callable:
+def _wrapper(base: str) -> Callable[..., Any]:
     def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
         session = _ACTIVE.get()
         function = _base_function(base, module)
@@ -184,7 +185,7 @@ class _Session:
         self.masks = MaskChecks(padding)
         self.calls = 0
 
-    def prepare(self, module: Any, query: Any, key: Any, mask: Any, kwargs: dict) -> tuple[int, AttentionRules]:
+    def prepare(self, module: Any, query: Any, key: Any, mask: Any, kwargs: dict[str, Any]) -> tuple[int, AttentionRules]:
         """The layer index and rules of one attention call, after checking its mask."""
         layer = getattr(module, "layer_idx", None)
         layer = self.calls if layer is None else int(layer)
@@ -202,7 +203,7 @@ class MaskChecks:
 
     def __init__(self, padding: Optional[np.ndarray]):
         self.padding = padding
-        self.seen: dict[tuple, Any] = {}
+        self.seen: dict[tuple[Any, ...], Any] = {}
 
     def check(self, mask: Any, rules: AttentionRules, n: int, layer: int) -> None:
         signature = (id(mask), rules.window, rules.causal)
@@ -211,7 +212,7 @@ class MaskChecks:
             self.seen[signature] = mask  # keeps the object alive, so its id stays unique
 
 
-def rules_of(module: Any, kwargs: dict, layer: int) -> AttentionRules:
+def rules_of(module: Any, kwargs: dict[str, Any], layer: int) -> AttentionRules:
     """The rules of one attention call, from its keywords (as the modeling file passes them)."""
     for name, value in kwargs.items():
         if name in RULE_KEYWORDS or name in INERT_KEYWORDS or value is None:
@@ -267,7 +268,7 @@ def check_mask(mask: Any, rules: AttentionRules, padding: Optional[np.ndarray], 
                 expected &= positions[None, :] <= i
             if rules.window is not None:
                 expected &= i - positions[None, :] < rules.window
-            real_rows = slice(None)
+            real_rows: Any = slice(None)
             if pad is not None:
                 expected &= pad[b][None, :]
                 real_rows = pad[b][start : start + 1024]

@@ -95,12 +95,12 @@ def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, pa
     scorer.check_complete(model, "its hook points " + ", ".join(qk_hooks(model.cfg, 0)).replace("0", "{l}"))
 
 
-def joint_hooks(names: dict[str, str], score: Callable[..., None]) -> list:
+def joint_hooks(names: dict[str, str], score: Callable[..., None]) -> list[tuple[str, Callable[[Any, Any], None]]]:
     """Hooks on ``names`` (role -> hook name) that hold each tensor until every role of the layer
     has fired (in any order), then call ``score(**tensors)``."""
     held: dict[str, Any] = {}
 
-    def keep(role: str):
+    def keep(role: str) -> Callable[[Any, Any], None]:
         def hook(tensor: Any, hook: Any) -> None:
             held[role] = tensor
             if len(held) == len(names):

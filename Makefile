@@ -1,7 +1,7 @@
 # `make test` is self-contained: it creates .venv, builds the release wheel (`make wheel`: abi3,
-# manylinux2014) and installs it with everything the tests need, then runs the Rust core's tests
-# and the Python suite, which includes installing that wheel into fresh virtual environments with
-# no Rust on PATH (tests/test_wheel.py).
+# manylinux2014) and installs it with everything the tests need, then runs the Rust core's tests,
+# the type checks (mypy --strict, stubtest) and the Python suite, which includes installing that
+# wheel into fresh virtual environments with no Rust on PATH (tests/test_wheel.py).
 #
 # The live-model tests run against the real libraries: torch (CPU), transformers,
 # TransformerLens 3.x (HookedTransformer) in the venv, and TransformerLens 4.x (TransformerBridge)
@@ -17,7 +17,7 @@ WHEEL_DIR ?= dist
 
 .PHONY: test venv install wheel wheel-test typecheck cargo-test pytest bench clean
 
-test: cargo-test pytest
+test: cargo-test typecheck pytest
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,11 @@ install: wheel
 wheel-test: install
 	INDUCT_FAST_WHEEL_DIR="$(abspath $(WHEEL_DIR))" $(PY) -m pytest -q tests/test_wheel.py
 
+# The package's annotations (mypy --strict) and the extension's stub against the built module
+# (stubtest; pyproject.toml's [tool.mypy] tells both about the untyped third-party packages).
 typecheck: install
 	$(PY) -m mypy --strict python/induct_fast
-	$(PY) -m mypy.stubtest induct_fast
+	$(PY) -m mypy.stubtest induct_fast --mypy-config-file pyproject.toml
 
 cargo-test:
 	cargo test --quiet

@@ -66,7 +66,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import as_float_array, as_key_mask, as_scale, as_softcap, as_tokens, as_window
-from .scores import DEFAULT_KINDS, KindArg, _kind_names
+from .scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names
 
 LAYOUTS = ("bnhd", "bhnd")
 
@@ -164,7 +164,7 @@ def scores_from_qk(
     tokens: Any = None,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     scale: Optional[float] = None,
     causal: bool = True,
     attention_mask: Any = None,
@@ -185,7 +185,7 @@ def scores_from_qk(
     tokens: Any = None,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     scale: Optional[float] = None,
     causal: bool = True,
     attention_mask: Any = None,
@@ -205,7 +205,7 @@ def scores_from_qk(
     tokens: Any = None,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     scale: Optional[float] = None,
     causal: bool = True,
     attention_mask: Any = None,

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .scores import DEFAULT_KINDS, KindArg, _kind_names
+from .scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names
 
 
 def head_scores(
@@ -20,7 +20,7 @@ def head_scores(
     tokens: Any = None,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     exclude_bos: bool = False,
 ) -> dict[str, Any]:
     """Lazy head scores of a chunked ``[*lead, n, n]`` dask array.

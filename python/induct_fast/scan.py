@@ -12,7 +12,7 @@ import numpy as np
 from ._arrays import as_float_array, as_key_mask, as_tokens
 from .adapters import Layers, layers_of
 from .results import HeadScores
-from .scores import DEFAULT_KINDS, KindArg, _kind_names, head_scores
+from .scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names, head_scores
 
 
 def scan(
@@ -20,7 +20,7 @@ def scan(
     tokens: Any = None,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     exclude_bos: bool = False,
     attention_mask: Any = None,
     layer_axis: int = 1,

@@ -41,12 +41,17 @@ DEFAULT_KINDS = ("previous_token", "duplicate_token", "induction")
 KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
 
 KindArg = Union[str, Sequence[str]]
+# One offset (``offsets=49``) or several (``offsets=(1, 49)``).
+OffsetArg = Union[int, Iterable[int]]
 
 
-def _kind_names(kinds: KindArg, offsets: Iterable[int]) -> list[str]:
-    """Requested kinds plus one ``offset_<d>`` per offset, duplicates dropped, order kept."""
+def _kind_names(kinds: KindArg, offsets: OffsetArg) -> list[str]:
+    """Requested kinds plus one ``offset_<d>`` per offset (a bare integer is one offset),
+    duplicates dropped, order kept."""
     if isinstance(kinds, str):
         kinds = (kinds,)
+    if isinstance(offsets, (int, np.integer)) and not isinstance(offsets, (bool, np.bool_)):
+        offsets = (int(offsets),)
     if not isinstance(kinds, Iterable):
         raise TypeError(f"kinds: expected a kind name or a sequence of them such as {KINDS}, got {kinds!r}")
     if not isinstance(offsets, Iterable) or isinstance(offsets, str):
@@ -69,7 +74,7 @@ def head_scores(
     tokens: Any = None,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     exclude_bos: bool = False,
     per_query: bool = False,
     attention_mask: Any = None,

@@ -23,7 +23,7 @@ import numpy as np
 
 from .._arrays import as_count, as_key_mask, as_tokens
 from ..results import HeadScores
-from ..scores import DEFAULT_KINDS, KindArg, _kind_names
+from ..scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names
 from . import bridge, huggingface, transformer_lens
 from ._scoring import AttentionRules, LayerScorer
 
@@ -68,7 +68,7 @@ def scan_model(
     tokens: Any,
     *,
     kinds: KindArg = DEFAULT_KINDS,
-    offsets: Iterable[int] = (),
+    offsets: OffsetArg = (),
     exclude_bos: bool = False,
     attention_mask: Any = None,
     batch_size: Optional[int] = None,

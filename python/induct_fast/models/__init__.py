@@ -102,12 +102,14 @@ def scan_model(
         A progress bar over layers and batches on stderr (tqdm if installed, else a counter).
     via : {"auto", "lse", "recompute"}
         Where each query row's normaliser (its log-sum-exp) comes from. ``"lse"``: from the
-        model's own attention kernel, so scoring forms only the target logits, O(n |T| d) per
-        head: Hugging Face models on sdpa on CPU (torch's flash kernel returns it) and
-        TransformerLens HookedTransformers (one pass over the logits they form anyway);
+        model's own attention, so scoring forms only the target logits, O(n |T| d) per head:
+        Hugging Face models on sdpa on CPU (torch's flash kernel returns it) and TransformerLens
+        HookedTransformers (torch's logsumexp over the logits they form anyway);
         NotImplementedError elsewhere. ``"recompute"``: the fused kernel recomputes every row,
-        O(n^2 d). ``"auto"`` (default): ``"lse"`` where available, else recompute (always with
-        ``exclude_bos``, whose normaliser leaves key 0 out).
+        O(n^2 d). ``"auto"`` (default): whichever is cheaper where we measured it, i.e. the flash
+        kernel's LSE for Hugging Face on sdpa, recomputing for TransformerLens (torch's logsumexp
+        pass is slower than our kernel) and everywhere else (always with ``exclude_bos``, whose
+        normaliser leaves key 0 out).
 
     Returns
     -------

@@ -44,3 +44,16 @@ def stacked(attentions) -> np.ndarray:
 
 def reference_scores(patterns: np.ndarray, ids: np.ndarray, mask, kinds=KINDS, **kw) -> dict:
     return inf.head_scores(patterns, ids, kinds=kinds, attention_mask=mask, **kw)
+
+
+def eager_reference(model, ids: np.ndarray, mask, kinds=KINDS, **kw) -> dict:
+    """head_scores of a Hugging Face model's own eager patterns (output_attentions) on the same
+    inputs; the model's attention implementation is restored afterwards."""
+    default = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_attentions=True)
+    finally:
+        model.set_attn_implementation(default)
+    return reference_scores(stacked(out.attentions), ids, mask, kinds, **kw)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import induct_fast as inf
-from models_helpers import KINDS, VOCAB, assert_scores_equal, prompts, reference_scores, stacked, torch
+from models_helpers import KINDS, VOCAB, assert_scores_equal, eager_reference, prompts, torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (make test installs it)")
 
@@ -89,18 +89,6 @@ FAMILIES = {
     "gemma3": gemma3,
     "olmo2": olmo2,
 }
-
-
-def eager_reference(model, ids, mask, kinds=KINDS, **kw) -> dict:
-    """head_scores of the model's own eager patterns (output_attentions) on the same inputs."""
-    default = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_attentions=True)
-    finally:
-        model.set_attn_implementation(default)
-    return reference_scores(stacked(out.attentions), ids, mask, kinds, **kw)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import induct_fast as inf
-from models_helpers import KINDS, VOCAB, assert_scores_equal, reference_scores, stacked, torch
+from models_helpers import KINDS, VOCAB, assert_scores_equal, eager_reference, torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (make test installs it)")
 
@@ -33,17 +33,6 @@ def padded_prompts(draw, max_batch: int = 3):
         else:
             mask[b, n - min(right, n - 1):] = 0
     return ids, mask
-
-
-def eager_scores(model, ids, mask):
-    default = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_attentions=True)
-    finally:
-        model.set_attn_implementation(default)
-    return reference_scores(stacked(out.attentions), ids, mask)
 
 
 @MODEL_SETTINGS
@@ -70,7 +59,7 @@ def test_llama_family_configs(prompts, layers, kv_heads, head_dim, partial, wind
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=window))
     model.eval()
     got = inf.scan_model(model, ids, attention_mask=mask, kinds=KINDS)
-    assert_scores_equal(got.per_prompt, eager_scores(model, ids, mask))
+    assert_scores_equal(got.per_prompt, eager_reference(model, ids, mask))
 
 
 @MODEL_SETTINGS
@@ -91,4 +80,4 @@ def test_gpt2_configs(prompts, layers, heads, inverse_layer, scale_weights, seed
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     got = inf.scan_model(model, ids, attention_mask=mask, kinds=KINDS)
-    assert_scores_equal(got.per_prompt, eager_scores(model, ids, mask))
+    assert_scores_equal(got.per_prompt, eager_reference(model, ids, mask))

@@ -55,6 +55,7 @@ def cache_rules(model: Any, n_layers: int) -> tuple[list[AttentionRules], Option
         rules = [transformer_lens.layer_rules(model, layer) for layer in range(n_layers)]
         rotary = transformer_lens.is_rotary(model.cfg)
     elif bridge.is_bridge(model):
+        bridge.check_supported(model)
         rules = [bridge.layer_rules(model, layer) for layer in range(n_layers)]
         rotary = any("rot_q" in bridge.qk_hooks(model, layer)[0] for layer in range(n_layers))
     else:

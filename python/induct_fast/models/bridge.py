@@ -45,12 +45,18 @@ def qk_hooks(model: Any, layer: int) -> tuple[str, str]:
     raise NotImplementedError(f"model: the bridge has no q/k hook points for layer {layer} ({prefix}q, {prefix}k)")
 
 
-def layer_rules(model: Any, layer: int) -> AttentionRules:
-    """Rules from the Hugging Face attention module that layer ``layer`` wraps."""
-    config = getattr(model.cfg, "original_architecture", None)
+def check_supported(model: Any) -> None:
+    """Refuses, by name, bridges around Hugging Face models the kernel cannot reproduce (once per
+    scan, not per layer)."""
     huggingface_model = getattr(model, "original_model", None)
     if huggingface_model is not None:
         huggingface.check_supported(huggingface_model)
+
+
+def layer_rules(model: Any, layer: int) -> AttentionRules:
+    """Rules from the Hugging Face attention module that layer ``layer`` wraps (after
+    :func:`check_supported`)."""
+    config = getattr(model.cfg, "original_architecture", None)
     attn = model.blocks[layer].attn
     hf = getattr(attn, "original_component", None)
     if hf is None:
@@ -78,6 +84,7 @@ def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, pa
     # The bridge's hook_attn_scores holds patterns for some families (it fires on what the wrapped
     # module returns), so the log-sum-exp is never taken from it: rows are recomputed.
     scorer.missing_lse(0, "belongs to a TransformerBridge, whose hooks give no log-sum-exp")
+    check_supported(model)
     masks: dict[int, Any] = {}
     checks = huggingface.MaskChecks(padding)
     hooks, handles = [], []

@@ -91,7 +91,7 @@ def run(model: Any, input_ids: Any, attention_mask: Any, scorer: LayerScorer, pa
     base = model.config.get_text_config()._attn_implementation or "eager"
     name = _register(base)
     saved = _implementations(model)
-    session = _Session(scorer, base, padding)
+    session = _Session(scorer, padding)
     token = _ACTIVE.set(session)
     try:
         model.config._attn_implementation = name
@@ -179,9 +179,8 @@ def _wrapper(base: str) -> Callable[..., Any]:
 class _Session:
     """The scorer of one forward pass, and the masks already checked in it."""
 
-    def __init__(self, scorer: LayerScorer, base: str, padding: Optional[np.ndarray]):
+    def __init__(self, scorer: LayerScorer, padding: Optional[np.ndarray]):
         self.scorer = scorer
-        self.base = base
         self.masks = MaskChecks(padding)
         self.calls = 0
 

@@ -247,6 +247,7 @@ pub enum LseArray<'a> {
     F64(ArrayViewD<'a, f64>),
     F32(ArrayViewD<'a, f32>),
     F16(ArrayViewD<'a, half::f16>),
+    Bf16(ArrayViewD<'a, half::bf16>),
 }
 
 impl LseArray<'_> {
@@ -256,6 +257,7 @@ impl LseArray<'_> {
             LseArray::F64(a) => a.to_owned(),
             LseArray::F32(a) => a.mapv(f64::from),
             LseArray::F16(a) => a.mapv(half::f16::to_f64),
+            LseArray::Bf16(a) => a.mapv(Real::to_f64),
         }
     }
 
@@ -265,6 +267,7 @@ impl LseArray<'_> {
             LseArray::F64(a) => read_lse(a, heads),
             LseArray::F32(a) => read_lse(a, heads),
             LseArray::F16(a) => read_lse(a, heads),
+            LseArray::Bf16(a) => read_lse(a, heads),
         }
     }
 }
@@ -446,6 +449,7 @@ fn pattern_block<C: Compute>(
 ) -> Result<()> {
     let n = heads.n();
     let (q, k, mask) = (heads.query(h), heads.key(h), heads.key_mask(h));
+    let (q, k) = (q.view(), k.view());
     // Keys key_start..key_end cover every row's allowed keys.
     let (key_start, key_end) = (logits.first_key(rows.start), logits.end_key(rows.end - 1, n));
     let mask = padded_in(mask.as_ref(), key_start..key_end);
@@ -492,6 +496,7 @@ fn score_tile<C: Compute>(
     out: &mut BlockOut,
 ) -> Result<crate::scores::Partial> {
     let (q, k, mask) = (heads.query(h), heads.key(h), heads.key_mask(h));
+    let (q, k) = (q.view(), k.view());
     // One normaliser per row, from the given lse or from the online pass over key tiles.
     let online = match &plan.given {
         Some(lse) => {

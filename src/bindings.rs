@@ -2,9 +2,11 @@
 //! turn core errors into ValueError, hand back the owned result without copying it.
 //! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
 
+use ndarray::ArrayViewD;
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyString;
 
 use crate::attention::{self, AttentionOptions, Layout, LseArray, LseOptions};
 use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions};
@@ -12,11 +14,39 @@ use crate::targets::Kind;
 use crate::{losses, threads, Error};
 
 /// A float array of any supported dtype; the kernels are generic over it.
+///
+/// bfloat16 has no dtype in numpy itself (ml_dtypes adds one), so it arrives as the tuple
+/// `("bfloat16", bits)` with `bits` a uint16 view of the same memory (any strides), which is
+/// read as `half::bf16` (the same bits) without a copy. python/induct_fast/_arrays.py builds it
+/// from torch bfloat16 tensors and ml_dtypes arrays alike.
 #[derive(FromPyObject)]
 enum FloatArray<'py> {
     F64(PyReadonlyArrayDyn<'py, f64>),
     F32(PyReadonlyArrayDyn<'py, f32>),
     F16(PyReadonlyArrayDyn<'py, half::f16>),
+    Bf16(Bf16Tag, PyReadonlyArrayDyn<'py, u16>),
+}
+
+/// The first item of a bfloat16 array's tuple: the string "bfloat16".
+struct Bf16Tag;
+
+impl FromPyObject<'_, '_> for Bf16Tag {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'_, '_, PyAny>) -> PyResult<Self> {
+        match obj.cast::<PyString>()?.to_cow()?.as_ref() {
+            "bfloat16" => Ok(Bf16Tag),
+            other => Err(PyTypeError::new_err(format!("expected the dtype tag \"bfloat16\", got {other:?}"))),
+        }
+    }
+}
+
+/// uint16 bit patterns read as bf16, the same strides and memory.
+fn bf16_view<'a>(bits: &'a PyReadonlyArrayDyn<'_, u16>) -> ArrayViewD<'a, half::bf16> {
+    // SAFETY: half::bf16 is a #[repr(transparent)] u16 (same size and alignment, every bit
+    // pattern valid), so the cast view addresses exactly the elements of the u16 view, which
+    // stay borrowed (read-only) for 'a.
+    unsafe { bits.as_array().raw_view().cast::<half::bf16>().deref_into_view() }
 }
 
 /// Runs `$body` with `$view` bound to the array's `ArrayViewD` of its own element type.
@@ -33,6 +63,10 @@ macro_rules! with_view {
             }
             FloatArray::F16(a) => {
                 let $view = a.as_array();
+                $body
+            }
+            FloatArray::Bf16(_, a) => {
+                let $view = bf16_view(a);
                 $body
             }
         }
@@ -55,6 +89,10 @@ macro_rules! with_qk_views {
                 let ($qv, $kv) = (a.as_array(), b.as_array());
                 $body
             }
+            (FloatArray::Bf16(_, a), FloatArray::Bf16(_, b)) => {
+                let ($qv, $kv) = (bf16_view(a), bf16_view(b));
+                $body
+            }
             (q, k) => Err(PyTypeError::new_err(format!(
                 "k: expected the dtype of q ({}), got {}",
                 dtype_name(q),
@@ -69,6 +107,7 @@ fn dtype_name(a: &FloatArray<'_>) -> &'static str {
         FloatArray::F64(_) => "float64",
         FloatArray::F32(_) => "float32",
         FloatArray::F16(_) => "float16",
+        FloatArray::Bf16(..) => "bfloat16",
     }
 }
 
@@ -157,7 +196,7 @@ fn attention_options(
     Ok(AttentionOptions { scale, causal, softcap, window, layout })
 }
 
-/// Attention patterns `[*lead, n_heads, n, n]` (float32 for float16/32 input, float64 for float64).
+/// Attention patterns `[*lead, n_heads, n, n]` (float32 for bfloat16/float16/32 input, float64 for float64).
 #[pyfunction]
 #[pyo3(signature = (q, k, scale, causal, attention_mask, layout, softcap, window))]
 #[allow(clippy::too_many_arguments)]
@@ -215,6 +254,7 @@ fn scores_from_qk<'py>(
         FloatArray::F64(a) => LseArray::F64(a.as_array()),
         FloatArray::F32(a) => LseArray::F32(a.as_array()),
         FloatArray::F16(a) => LseArray::F16(a.as_array()),
+        FloatArray::Bf16(_, a) => LseArray::Bf16(bf16_view(a)),
     });
     let lse = LseOptions { given, return_lse };
     let (scores, lse) = with_qk_views!(&q, &k, |qv, kv| {

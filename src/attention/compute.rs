@@ -1,9 +1,9 @@
 //! The precisions the attention kernels compute in, and how each input dtype maps to one:
-//! f16 and f32 inputs compute in f32 (as TransformerLens and PyTorch do for f32 models), f64 in
-//! f64. Per precision: the GEMM of a logit tile, a single dot product that rounds exactly like
+//! f16, bf16 and f32 inputs compute in f32 (as TransformerLens and PyTorch do for f32 models),
+//! f64 in f64. Per precision: the GEMM of a logit tile, a single dot product that rounds exactly like
 //! the GEMM, and the softmax slice routines of [`super::simd`].
 
-use ndarray::{ArrayView2, ArrayViewD, CowArray, IxDyn};
+use ndarray::{ArrayView2, ArrayViewD};
 
 use super::simd::{self, Lane};
 use crate::stack::Real;
@@ -221,33 +221,68 @@ pub fn logits_tile<C: Compute>(
     }
 }
 
+/// How q or k reaches the kernels' precision (see [`QkElement::source`]).
+pub enum Source<'a, T, C> {
+    /// The input is already in the compute precision (f32, f64): read in place.
+    Native(ArrayViewD<'a, C>),
+    /// A narrower input (f16, bf16), kept as given and converted one head at a time by
+    /// `super::heads::QkHeads`, so no converted copy of the whole array is ever made.
+    Narrow(ArrayViewD<'a, T>),
+}
+
 /// Input element types and the precision each computes in.
 pub trait QkElement: Real {
     type Compute: Compute;
-    /// The array in its compute precision: a view for f32/f64, a converted copy for f16.
-    fn to_compute(view: ArrayViewD<'_, Self>) -> CowArray<'_, Self::Compute, IxDyn>;
+    /// The array as the kernels read it: in place, or narrow (converted per head).
+    fn source(view: ArrayViewD<'_, Self>) -> Source<'_, Self, Self::Compute>;
+    /// One element in the compute precision; exact (every f16 and bf16 value is an f32).
+    fn to_compute(self) -> Self::Compute;
 }
 
 impl QkElement for f32 {
     type Compute = f32;
-    fn to_compute(view: ArrayViewD<'_, f32>) -> CowArray<'_, f32, IxDyn> {
-        view.into()
+    fn source(view: ArrayViewD<'_, f32>) -> Source<'_, f32, f32> {
+        Source::Native(view)
+    }
+    #[inline(always)]
+    fn to_compute(self) -> f32 {
+        self
     }
 }
 
 impl QkElement for f64 {
     type Compute = f64;
-    fn to_compute(view: ArrayViewD<'_, f64>) -> CowArray<'_, f64, IxDyn> {
-        view.into()
+    fn source(view: ArrayViewD<'_, f64>) -> Source<'_, f64, f64> {
+        Source::Native(view)
+    }
+    #[inline(always)]
+    fn to_compute(self) -> f64 {
+        self
     }
 }
 
+/// f16 computes in f32: f16 GEMMs are not faster on CPUs without native f16 arithmetic, and f32
+/// keeps the logits accurate.
 impl QkElement for half::f16 {
     type Compute = f32;
-    /// f16 is converted once (a copy the size of the input): f16 GEMMs are not faster on CPUs
-    /// without native f16 arithmetic, and f32 keeps the logits accurate.
-    fn to_compute(view: ArrayViewD<'_, half::f16>) -> CowArray<'_, f32, IxDyn> {
-        view.mapv(half::f16::to_f32).into()
+    fn source(view: ArrayViewD<'_, half::f16>) -> Source<'_, half::f16, f32> {
+        Source::Narrow(view)
+    }
+    #[inline(always)]
+    fn to_compute(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// bf16 computes in f32, like f16 (and like PyTorch's CPU attention for bf16 models).
+impl QkElement for half::bf16 {
+    type Compute = f32;
+    fn source(view: ArrayViewD<'_, half::bf16>) -> Source<'_, half::bf16, f32> {
+        Source::Narrow(view)
+    }
+    #[inline(always)]
+    fn to_compute(self) -> f32 {
+        crate::stack::bf16_to_f32(self)
     }
 }
 
@@ -314,11 +349,17 @@ mod tests {
     }
 
     #[test]
-    fn f16_converts_and_f32_borrows() {
+    fn narrow_types_are_converted_exactly_and_wide_ones_borrowed() {
         let a = ndarray::arr1(&[half::f16::from_f32(0.5), half::f16::from_f32(-2.0)]).into_dyn();
-        let c = half::f16::to_compute(a.view());
-        assert_eq!(c.as_slice().unwrap(), &[0.5f32, -2.0]);
-        let b = ndarray::arr1(&[1.0f32]).into_dyn();
-        assert!(f32::to_compute(b.view()).is_view());
+        assert!(matches!(half::f16::source(a.view()), Source::Narrow(_)));
+        assert_eq!(a.mapv(half::f16::to_compute).as_slice().unwrap(), &[0.5f32, -2.0]);
+        let b = ndarray::arr1(&[half::bf16::from_f32(0.5), half::bf16::from_f32(-3.0e38)]).into_dyn();
+        assert!(matches!(half::bf16::source(b.view()), Source::Narrow(_)));
+        assert_eq!(
+            b.mapv(half::bf16::to_compute).as_slice().unwrap(),
+            &[0.5f32, half::bf16::from_f32(-3.0e38).to_f32()]
+        );
+        let c = ndarray::arr1(&[1.0f32]).into_dyn();
+        assert!(matches!(f32::source(c.view()), Source::Native(v) if v.as_ptr() == c.as_ptr()));
     }
 }

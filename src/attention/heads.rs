@@ -3,12 +3,18 @@
 //! Heads are numbered in C order over `[*lead, n_heads]`, the leading axes of the output
 //! `[*lead, n_heads, n, n]`. Query head `hq` reads kv head `hq / (n_heads / n_kv_heads)`, as
 //! Hugging Face's `repeat_kv` lays grouped-query attention out.
+//!
+//! f32 and f64 input is read in place. f16 and bf16 input stays as given and each head's
+//! `[n, d_head]` matrix is converted to f32 when a block of rows first asks for it, into a small
+//! cache shared by the threads (a few heads per thread, least recently used first out): extra
+//! memory O(threads · n · d_head) instead of an f32 copy of the whole of q and k.
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
-use ndarray::{ArrayView1, ArrayView2, ArrayViewD, Axis, CowArray, Dimension, Ix2, IxDyn};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewD, Axis, Dimension, Ix2};
 
-use super::compute::{Compute, QkElement};
+use super::compute::{Compute, QkElement, Source};
 use crate::error::{shape_str, Error, Result};
 use crate::stack::{unravel, PositionMask, Real};
 
@@ -69,9 +75,8 @@ fn read_dims(shape: &[usize], layout: Layout) -> Dims {
 
 /// Validated q and k in their compute precision, with an optional key mask.
 pub struct QkHeads<'a, C: Compute> {
-    q: CowArray<'a, C, IxDyn>,
-    k: CowArray<'a, C, IxDyn>,
-    layout: Layout,
+    q: Matrices<'a, C>,
+    k: Matrices<'a, C>,
     lead: Vec<usize>,
     dims: Dims,
     n_kv_heads: usize,
@@ -80,7 +85,8 @@ pub struct QkHeads<'a, C: Compute> {
 
 impl<'a, C: Compute> QkHeads<'a, C> {
     /// Checks shapes (q and k agree on lead, n and d_head; kv heads divide heads), that every
-    /// value is finite and that the mask is `[n]` or `[lead[0], n]`; converts to `C`.
+    /// value is finite and that the mask is `[n]` or `[lead[0], n]`. Copies nothing: narrow
+    /// dtypes are converted to `C` one head at a time (see the module docs).
     pub fn new<T: QkElement<Compute = C>>(
         q: ArrayViewD<'a, T>,
         k: ArrayViewD<'a, T>,
@@ -132,8 +138,9 @@ impl<'a, C: Compute> QkHeads<'a, C> {
         }
         check_finite("q", &q)?;
         check_finite("k", &k)?;
-        let mut heads =
-            QkHeads { q: T::to_compute(q), k: T::to_compute(k), layout, lead, dims, n_kv_heads: kd.heads, mask: None };
+        let select = HeadSelect { lead: lead.clone(), layout };
+        let (q, k) = (Matrices::new(q, select.clone()), Matrices::new(k, select));
+        let mut heads = QkHeads { q, k, lead, dims, n_kv_heads: kd.heads, mask: None };
         if let Some(m) = mask {
             heads.mask = Some(PositionMask::new(m, &heads.heads_lead(), dims.n)?);
         }
@@ -155,15 +162,15 @@ impl<'a, C: Compute> QkHeads<'a, C> {
         self.dims.d_head
     }
 
-    /// `[n, d_head]` queries of head h.
-    pub fn query(&self, h: usize) -> ArrayView2<'_, C> {
-        self.head_matrix(&self.q, h / self.dims.heads, h % self.dims.heads)
+    /// `[n, d_head]` queries of head h (`.view()` them).
+    pub fn query(&self, h: usize) -> HeadMatrix<'_, C> {
+        self.q.head(h / self.dims.heads, h % self.dims.heads)
     }
 
-    /// `[n, d_head]` keys that head h attends with (its kv head).
-    pub fn key(&self, h: usize) -> ArrayView2<'_, C> {
+    /// `[n, d_head]` keys that head h attends with (its kv head; `.view()` them).
+    pub fn key(&self, h: usize) -> HeadMatrix<'_, C> {
         let group = self.dims.heads / self.n_kv_heads;
-        self.head_matrix(&self.k, h / self.dims.heads, (h % self.dims.heads) / group)
+        self.k.head(h / self.dims.heads, (h % self.dims.heads) / group)
     }
 
     /// Which keys head h may attend to (None: all).
@@ -175,14 +182,109 @@ impl<'a, C: Compute> QkHeads<'a, C> {
     pub fn index_str(&self, h: usize) -> String {
         shape_str(&unravel(h, &self.heads_lead())).replace(",)", ")")
     }
+}
 
-    fn head_matrix<'s>(&'s self, a: &'s CowArray<'a, C, IxDyn>, lead_flat: usize, head: usize) -> ArrayView2<'s, C> {
-        let mut v = a.view();
+/// How to find one head's `[n, d_head]` matrix in q or k.
+#[derive(Clone)]
+struct HeadSelect {
+    lead: Vec<usize>,
+    layout: Layout,
+}
+
+impl HeadSelect {
+    fn view<'s, E>(&self, a: &ArrayViewD<'s, E>, lead_flat: usize, head: usize) -> ArrayView2<'s, E> {
+        let mut v = a.clone();
         for ix in unravel(lead_flat, &self.lead) {
             v.index_axis_inplace(Axis(0), ix);
         }
         v.index_axis_inplace(Axis(self.layout.head_axis()), head);
         v.into_dimensionality::<Ix2>().expect("a head's q or k is two-dimensional")
+    }
+}
+
+/// One head's `[n, d_head]` q or k in the compute precision: the input itself, or a converted
+/// copy shared with the cache.
+pub enum HeadMatrix<'s, C> {
+    Borrowed(ArrayView2<'s, C>),
+    Converted(Arc<Array2<C>>),
+}
+
+impl<C> HeadMatrix<'_, C> {
+    pub fn view(&self) -> ArrayView2<'_, C> {
+        match self {
+            HeadMatrix::Borrowed(v) => v.clone(),
+            HeadMatrix::Converted(a) => a.view(),
+        }
+    }
+}
+
+/// q or k: read in place, or converted per head through a small cache.
+enum Matrices<'a, C> {
+    Native(ArrayViewD<'a, C>, HeadSelect),
+    Narrow(Converted<'a, C>),
+}
+
+/// A head's converted matrix, keyed by (flat lead index, head).
+type Cached<C> = ((usize, usize), Arc<Array2<C>>);
+
+struct Converted<'a, C> {
+    convert: Box<dyn Fn(usize, usize) -> Array2<C> + Send + Sync + 'a>,
+    /// Most recently used last; at most `capacity` heads.
+    cache: Mutex<Vec<Cached<C>>>,
+    capacity: usize,
+}
+
+impl<'a, C: Compute> Matrices<'a, C> {
+    fn new<T: QkElement<Compute = C>>(a: ArrayViewD<'a, T>, select: HeadSelect) -> Self {
+        match T::source(a) {
+            Source::Native(v) => Matrices::Native(v, select),
+            Source::Narrow(v) => Matrices::Narrow(Converted {
+                convert: Box::new(move |lead_flat, head| select.view(&v, lead_flat, head).mapv(T::to_compute)),
+                cache: Mutex::new(Vec::new()),
+                // Each thread works on one head at a time (blocks of a head are adjacent), so a
+                // few more heads than threads keep every thread's current head cached.
+                capacity: crate::threads::get_num_threads() + 2,
+            }),
+        }
+    }
+
+    fn head(&self, lead_flat: usize, head: usize) -> HeadMatrix<'_, C> {
+        match self {
+            Matrices::Native(v, select) => HeadMatrix::Borrowed(select.view(v, lead_flat, head)),
+            Matrices::Narrow(c) => HeadMatrix::Converted(c.head((lead_flat, head))),
+        }
+    }
+}
+
+impl<C> Converted<'_, C> {
+    /// The converted head, from the cache or converted now (outside the lock, so threads
+    /// convert different heads at once). Conversion is exact, so what is cached never changes
+    /// a result.
+    fn head(&self, key: (usize, usize)) -> Arc<Array2<C>> {
+        let lock = || self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut cache = lock();
+            if let Some(pos) = cache.iter().position(|(k, _)| *k == key) {
+                let entry = cache.remove(pos);
+                let matrix = Arc::clone(&entry.1);
+                cache.push(entry);
+                return matrix;
+            }
+        }
+        let matrix = Arc::new((self.convert)(key.0, key.1));
+        let mut cache = lock();
+        if !cache.iter().any(|(k, _)| *k == key) {
+            if cache.len() >= self.capacity {
+                cache.remove(0);
+            }
+            cache.push((key, Arc::clone(&matrix)));
+        }
+        matrix
+    }
+
+    #[cfg(test)]
+    fn cached(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -202,7 +304,10 @@ fn check_finite<T: Real>(arg: &'static str, a: &ArrayViewD<'_, T>) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{Array, ArrayD};
+    use crate::attention::{attention_patterns, scores_and_lse_from_qk, AttentionOptions, LseOptions};
+    use crate::scores::{Reduce, ScoreOptions};
+    use crate::targets::Kind;
+    use ndarray::{Array, ArrayD, IxDyn};
 
     fn zeros(shape: &[usize]) -> ArrayD<f32> {
         Array::zeros(IxDyn(shape))
@@ -234,15 +339,15 @@ mod tests {
         assert_eq!(heads.heads_lead(), vec![2, 4]);
         assert_eq!(heads.heads_lead().iter().product::<usize>(), 8);
         // head 7 = batch 1, head 3 -> kv head 1.
-        assert_eq!(heads.query(7)[[2, 0]], 123.0);
-        assert_eq!(heads.key(7)[[2, 0]], 121.0);
-        assert_eq!(heads.key(5)[[0, 1]], 100.0);
+        assert_eq!(heads.query(7).view()[[2, 0]], 123.0);
+        assert_eq!(heads.key(7).view()[[2, 0]], 121.0);
+        assert_eq!(heads.key(5).view()[[0, 1]], 100.0);
         assert_eq!(heads.index_str(7), "(1, 3)");
         let qt = q.view().permuted_axes(IxDyn(&[0, 2, 1, 3]));
         let kt = k.view().permuted_axes(IxDyn(&[0, 2, 1, 3]));
         let heads = QkHeads::new(qt, kt, Layout::Bhnd, None).unwrap();
-        assert_eq!(heads.query(7)[[2, 0]], 123.0);
-        assert_eq!(heads.key(7)[[2, 0]], 121.0);
+        assert_eq!(heads.query(7).view()[[2, 0]], 123.0);
+        assert_eq!(heads.key(7).view()[[2, 0]], 121.0);
     }
 
     #[test]
@@ -261,5 +366,78 @@ mod tests {
         nan[[1, 2, 0, 3]] = f32::NAN;
         let e = QkHeads::new(q.view(), nan.view(), Layout::Bnhd, None).err().unwrap().to_string();
         assert_eq!(e, "k: expected finite values, got NaN at index (1, 2, 0, 3)");
+    }
+
+    /// Values every narrow type holds exactly (multiples of 1/8 in [-4, 4)).
+    fn exact(shape: &[usize], seed: usize) -> ArrayD<f32> {
+        Array::from_shape_fn(IxDyn(shape), |ix| {
+            let flat = ix.slice().iter().fold(seed, |acc, &i| acc * 31 + i);
+            ((flat * 2654435761) % 64) as f32 / 8.0 - 4.0
+        })
+    }
+
+    fn bits<T: Real>(a: &ArrayD<T>) -> Vec<u64> {
+        a.iter().map(|v| v.to_f64().to_bits()).collect()
+    }
+
+    /// f16 and bf16 heads are the f32 heads of the same values, in both layouts and through
+    /// strided views, and the converted heads held at once stay within the cache's capacity.
+    #[test]
+    fn narrow_heads_equal_the_f32_heads_of_the_same_values() {
+        let (q, k) = (exact(&[2, 7, 6, 5], 1), exact(&[2, 7, 3, 5], 2));
+        let wide = QkHeads::new(q.view(), k.view(), Layout::Bnhd, None).unwrap();
+        let (qb, kb) = (q.mapv(half::bf16::from_f32), k.mapv(half::bf16::from_f32));
+        let (qh, kh) = (q.mapv(half::f16::from_f32), k.mapv(half::f16::from_f32));
+        let bf = QkHeads::new(qb.view(), kb.view(), Layout::Bnhd, None).unwrap();
+        let hf = QkHeads::new(qh.view(), kh.view(), Layout::Bnhd, None).unwrap();
+        let (qt, kt) = (qb.view().permuted_axes(IxDyn(&[0, 2, 1, 3])), kb.view().permuted_axes(IxDyn(&[0, 2, 1, 3])));
+        let bf_t = QkHeads::new(qt, kt, Layout::Bhnd, None).unwrap();
+        for h in 0..12 {
+            for narrow in [&bf, &hf, &bf_t] {
+                assert_eq!(narrow.query(h).view(), wide.query(h).view(), "query {h}");
+                assert_eq!(narrow.key(h).view(), wide.key(h).view(), "key {h}");
+            }
+        }
+        for m in [&bf.q, &bf.k] {
+            match m {
+                Matrices::Narrow(c) => assert!(c.cached() <= c.capacity && c.capacity >= 3),
+                Matrices::Native(..) => panic!("bf16 is converted per head"),
+            }
+        }
+        assert!(matches!(wide.q, Matrices::Native(..)));
+    }
+
+    /// Patterns and fused scores of bf16 and f16 q, k are bit for bit those of f32 q, k of the
+    /// same values: conversion is exact and the f32 kernels do the rest.
+    #[test]
+    fn narrow_kernels_equal_f32_kernels_bit_for_bit() {
+        type Bits = (Vec<u64>, Vec<u64>, Vec<u64>);
+        fn run<T: QkElement<Compute = f32>>(q: &ArrayD<f32>, k: &ArrayD<f32>, to: fn(f32) -> T) -> Bits {
+            let (q, k) = (q.mapv(to), k.mapv(to));
+            let n = q.shape()[1];
+            let tokens = Array::from_shape_fn(IxDyn(&[n]), |ix| (ix[0] % 13) as i64);
+            let kinds = [Kind::PreviousToken, Kind::Induction, Kind::Entropy];
+            let opts = AttentionOptions { softcap: Some(3.0), ..AttentionOptions::default() };
+            let p = attention_patterns(q.view(), k.view(), None, opts).unwrap();
+            let (score, per_query) = (ScoreOptions::default(), Reduce::PerQuery);
+            let ask = LseOptions { given: None, return_lse: true };
+            let (s, lse) = scores_and_lse_from_qk(
+                q.view(),
+                k.view(),
+                Some(tokens.view()),
+                None,
+                &kinds,
+                opts,
+                score,
+                per_query,
+                ask,
+            )
+            .unwrap();
+            (bits(&p), bits(&s), bits(&lse.unwrap()))
+        }
+        let (q, k) = (exact(&[1, 300, 4, 8], 3).mapv(|v| v * 0.25), exact(&[1, 300, 2, 8], 4));
+        let want = run(&q, &k, |v| v);
+        assert!(run(&q, &k, half::bf16::from_f32) == want, "bf16 differs from f32 of the same values");
+        assert!(run(&q, &k, half::f16::from_f32) == want, "f16 differs from f32 of the same values");
     }
 }

@@ -25,7 +25,7 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.deps: $(VENV)/.created pyproject.toml Makefile
-	$(PIP) install --quiet "maturin>=1.9.4,<2" ziglang mypy numpy pytest hypothesis pandas matplotlib "dask[array,distributed]" safetensors tqdm \
+	$(PIP) install --quiet "maturin>=1.9.4,<2" ziglang mypy numpy ml_dtypes pytest hypothesis pandas matplotlib "dask[array,distributed]" safetensors tqdm \
 		torch transformers "transformer_lens>=3.9,<4"
 	$(PIP) install --quiet --no-deps --upgrade --target $(TL4) "transformer_lens>=4.3,<5"
 	touch $@

@@ -13,6 +13,37 @@ import numpy as np
 
 _KERNEL_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
+#: How a bfloat16 array travels inside the package. numpy has no bfloat16 (ml_dtypes, which JAX
+#: uses, adds one; torch has its own), so the array is viewed as its raw 2-byte elements in this
+#: one-field structured dtype: the same memory and strides, kept through slicing, transposes
+#: and ``np.asarray``, and refused by every numpy arithmetic and cast (so never mistaken for
+#: numbers). The extension takes it as ``("bfloat16", uint16 view)`` (:func:`kernel_array`) and
+#: reads the bits as bfloat16 in place. Needs nothing beyond numpy.
+BFLOAT16_BITS = np.dtype([("bfloat16", "V2")])
+
+
+def is_bfloat16(dtype: np.dtype[Any]) -> bool:
+    """An ml_dtypes ``bfloat16`` dtype, or the package's own :data:`BFLOAT16_BITS`."""
+    if dtype == BFLOAT16_BITS:
+        return True
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None and dtype.name == "bfloat16"
+
+
+def bfloat16_to_float32(arr: np.ndarray) -> np.ndarray:
+    """A bfloat16 array (either form of :func:`is_bfloat16`) widened to float32, exactly: a
+    bfloat16 is the upper half of a float32. A copy, for code that computes in numpy."""
+    wide = arr.view(np.uint16).astype(np.uint32) << 16
+    out: np.ndarray = wide.view(np.float32)
+    return out
+
+
+def kernel_array(arr: np.ndarray) -> Any:
+    """What the extension takes for an array of :func:`as_float_array`: the array itself, or
+    ``("bfloat16", bits)`` for bfloat16 (``bits`` a uint16 view, no copy)."""
+    if arr.dtype == BFLOAT16_BITS:
+        return ("bfloat16", arr.view(np.uint16))
+    return arr
+
 
 def _describe(x: Any) -> str:
     dtype = getattr(x, "dtype", None)
@@ -28,12 +59,13 @@ def is_tensor(x: Any) -> bool:
     return all(hasattr(x, attr) for attr in ("device", "detach", "numpy"))
 
 
-def _from_torch(x: Any, name: str) -> Any:
+def _from_torch(x: Any, name: str, bfloat16: bool = False) -> Any:
     """A CPU torch tensor as a numpy array without a copy; CUDA tensors are refused clearly.
 
     ``.numpy()`` shares the tensor's memory; where it refuses (tensors with lazy conjugate or
-    negative bits, say), DLPack is tried, which also shares memory. bfloat16 has no numpy dtype
-    and is widened to float32 (a copy).
+    negative bits, say), DLPack is tried, which also shares memory. bfloat16 has no numpy dtype:
+    with ``bfloat16`` it is viewed as :data:`BFLOAT16_BITS` (the same memory), else widened to
+    float32 (a copy).
     """
     device = getattr(x, "device", None)
     device_type = str(getattr(device, "type", device if device is not None else "cpu"))
@@ -41,7 +73,13 @@ def _from_torch(x: Any, name: str) -> Any:
         raise ValueError(f"{name}: expected a CPU tensor or array, got a tensor on {device}; move it with .cpu() first")
     x = x.detach()
     if str(getattr(x, "dtype", "")) == "torch.bfloat16":  # numpy has no bfloat16
-        x = x.float()
+        if not bfloat16:
+            return x.float().numpy()
+        import torch
+
+        # A same-size dtype view reinterprets each element in place, whatever the strides.
+        bits: np.ndarray = x.view(torch.int16).numpy().view(BFLOAT16_BITS)
+        return bits
     try:
         return x.numpy()
     except (RuntimeError, TypeError) as exc:
@@ -50,12 +88,15 @@ def _from_torch(x: Any, name: str) -> Any:
         return np.from_dlpack(x)
 
 
-def as_float_array(x: Any, name: str, *, integers: bool = True) -> np.ndarray:
+def as_float_array(x: Any, name: str, *, integers: bool = True, bfloat16: bool = False) -> np.ndarray:
     """`x` as a native-endian float16/32/64 ndarray, a view whenever numpy can make one.
 
-    Integer and bool arrays are widened to float64 (a TypeError with ``integers=False``); other
-    floats (float128) narrowed to float64. Complex, object, string and None inputs raise
-    TypeError naming `name`.
+    bfloat16 (torch tensors, ml_dtypes arrays) comes back as a :data:`BFLOAT16_BITS` view with
+    ``bfloat16`` (for the kernels, which read it natively: pass it on through
+    :func:`kernel_array`), else widened to float32 (a copy, for numpy code). Integer and bool
+    arrays are widened to float64 (a TypeError with ``integers=False``); other floats
+    (float128) narrowed to float64. Complex, object, string and None inputs raise TypeError
+    naming `name`.
     """
     if x is None:
         raise TypeError(f"{name}: expected a real numeric array, got None")
@@ -65,16 +106,21 @@ def as_float_array(x: Any, name: str, *, integers: bool = True) -> np.ndarray:
             "a model output or a file"
         )
     if is_tensor(x):
-        x = _from_torch(x, name)
+        x = _from_torch(x, name, bfloat16)
     try:
         arr = np.asarray(x)
     except Exception as exc:  # ragged lists, objects whose __array__ fails
         raise TypeError(f"{name}: expected a real numeric array, got {_describe(x)} ({exc})") from None
+    if is_bfloat16(arr.dtype):
+        if not bfloat16:
+            return bfloat16_to_float32(arr)
+        bits = arr.view(BFLOAT16_BITS)
+        return bits if bits.flags.aligned else bits.copy()
     kind = arr.dtype.kind
     if kind == "c":
         raise TypeError(f"{name}: expected a real numeric array, got complex dtype {arr.dtype}")
     if kind not in ("fiub" if integers else "f"):
-        expected = "a real numeric array" if integers else "a real float array (float16/32/64)"
+        expected = "a real numeric array" if integers else "a real float array (bfloat16, float16/32/64)"
         raise TypeError(f"{name}: expected {expected}, got dtype {arr.dtype}")
     if kind != "f" or arr.dtype.newbyteorder("=") not in _KERNEL_FLOATS:
         return arr.astype(np.float64)

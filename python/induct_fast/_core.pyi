@@ -1,10 +1,15 @@
 """Type stubs for the Rust extension. Call the wrappers in induct_fast.scores instead: they
 normalise dtypes and give friendly errors; these take prepared arrays only."""
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import TypeAlias
+
+# A float array: float16/32/64, or bfloat16 as ("bfloat16", its uint16 bit patterns), a view of
+# the same memory (numpy has no bfloat16 dtype; induct_fast._arrays.kernel_array builds it).
+_Floats: TypeAlias = Union[npt.NDArray[np.floating], tuple[Literal["bfloat16"], npt.NDArray[np.uint16]]]
 
 __all__ = [
     "head_scores",
@@ -20,7 +25,7 @@ __all__ = [
 __version__: str
 
 def head_scores(
-    patterns: npt.NDArray[np.floating],
+    patterns: _Floats,
     tokens: Optional[npt.NDArray[np.int64]],
     kinds: list[str],
     exclude_bos: bool,
@@ -31,7 +36,7 @@ def head_scores(
     [n] or [lead[0], n] (False = padding: neither query nor target)."""
 
 def detection_scores(
-    patterns: npt.NDArray[np.floating],
+    patterns: _Floats,
     kind: Optional[str],
     matrices: Optional[npt.NDArray[np.float64]],
     tokens: Optional[npt.NDArray[np.int64]],
@@ -42,8 +47,8 @@ def detection_scores(
     """[*lead] TransformerLens head_detector scores against a kind or explicit matrices."""
 
 def attention_patterns(
-    q: npt.NDArray[np.floating],
-    k: npt.NDArray[np.floating],
+    q: _Floats,
+    k: _Floats,
     scale: Optional[float],
     causal: bool,
     attention_mask: Optional[npt.NDArray[np.bool_]],
@@ -53,11 +58,11 @@ def attention_patterns(
 ) -> npt.NDArray[np.floating]:
     """[*lead, n_heads, n, n] softmax of s = scale q.k (softcap * tanh(s / softcap) if given),
     keys j <= i (causal), i - j < window (if given) and attention_mask[j] (float32 for
-    float16/32 input)."""
+    bfloat16/float16/32 input)."""
 
 def scores_from_qk(
-    q: npt.NDArray[np.floating],
-    k: npt.NDArray[np.floating],
+    q: _Floats,
+    k: _Floats,
     tokens: Optional[npt.NDArray[np.int64]],
     kinds: list[str],
     scale: Optional[float],
@@ -68,17 +73,17 @@ def scores_from_qk(
     per_query: bool,
     softcap: Optional[float],
     window: Optional[int],
-    lse: Optional[npt.NDArray[np.floating]] = None,
+    lse: Optional[_Floats] = None,
     return_lse: bool = False,
 ) -> Union[npt.NDArray[np.float64], tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
     """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means;
     padding positions (attention_mask False) are neither queries nor targets. With ``lse``
-    ([*lead, n_heads, n], float16/32/64) each row's normaliser is taken from it (unless
+    ([*lead, n_heads, n], any float dtype) each row's normaliser is taken from it (unless
     ``entropy`` is asked for) and only target logits are computed; with ``return_lse`` the
     result is (scores, lse [*lead, n_heads, n] float64: the kernel's own, or ``lse`` as given)."""
 
 def token_losses(
-    logits: npt.NDArray[np.floating],
+    logits: _Floats,
     tokens: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.float64]:
     """[*lead, n - 1] cross-entropy of tokens[..., 1:] under logits[..., :-1, :]; logits

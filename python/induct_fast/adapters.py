@@ -148,7 +148,7 @@ def _layer_first(array: np.ndarray, layer_axis: int) -> np.ndarray:
 
 
 def _stacked(source: Any, layer_axis: int = 1) -> Layers:
-    array = as_float_array(source, "source")
+    array = as_float_array(source, "source", bfloat16=True)
     if array.ndim == 5:
         array = _layer_first(array, layer_axis)
     if array.ndim != 5:
@@ -173,8 +173,8 @@ def _sequence(source: Any, layer_axis: int = 1) -> Layers:
 
 
 def _qk_stacked(q: Any, k: Any, layer_axis: int = 1) -> Layers:
-    q = _layer_first(as_float_array(q, "q"), layer_axis)
-    k = _layer_first(as_float_array(k, "k"), layer_axis)
+    q = _layer_first(as_float_array(q, "q", bfloat16=True), layer_axis)
+    k = _layer_first(as_float_array(k, "k", bfloat16=True), layer_axis)
     if q.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"k: expected the batch and layer axes of q, shape ({q.shape[0]}, {q.shape[1]}, n, heads, d_head), got shape {k.shape}"

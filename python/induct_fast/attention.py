@@ -39,9 +39,13 @@ Choices
   the uncapped time), in float64 the C library's; the uncapped path is unchanged. The fused
   kernel recomputes a target's logit through the very same arithmetic, so it matches the
   log-sum-exp to the bit. A logit q . k that overflows is still an error, never a silent cap.
-* Output dtype: float32 for float16 and float32 input (computed in float32, like TransformerLens
-  and PyTorch), float64 for float64 input. q and k of different dtypes are promoted to a common
-  one. Scores are always float64.
+* Output dtype: float32 for bfloat16, float16 and float32 input (computed in float32, like
+  TransformerLens and PyTorch), float64 for float64 input. q and k of different dtypes are
+  promoted to a common one. Scores are always float64.
+* bfloat16 (CPU torch tensors, ml_dtypes/JAX numpy arrays) and float16 q and k are read in place
+  and converted to float32 one head at a time (extra memory O(threads * n * d_head), never a
+  float32 copy of q or k); values, patterns and scores equal those of float32 q and k of the
+  same values bit for bit.
 * Precision: logits by an f32 GEMM per tile (f32 accumulation over d_head, as TransformerLens);
   exponentials in float32 (2 ulp) summed in float32 over at most 16 terms per lane, in float64
   beyond; log-sum-exp, target probabilities and entropy in float64. Logits of +-80 do not
@@ -65,17 +69,30 @@ from typing import Any, Iterable, Literal, Optional, Union, overload
 import numpy as np
 
 from . import _core
-from ._arrays import as_float_array, as_key_mask, as_scale, as_softcap, as_tokens, as_window
+from ._arrays import (
+    BFLOAT16_BITS,
+    as_float_array,
+    as_key_mask,
+    as_scale,
+    as_softcap,
+    as_tokens,
+    as_window,
+    bfloat16_to_float32,
+    kernel_array,
+)
 from .scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names
 
 LAYOUTS = ("bnhd", "bhnd")
 
 
 def _qk(q: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:
-    """q and k as float arrays of one dtype (views when they already share a kernel dtype)."""
-    q = as_float_array(q, "q")
-    k = as_float_array(k, "k")
+    """q and k as float arrays of one dtype (views when they already share a kernel dtype;
+    bfloat16 as :data:`~induct_fast._arrays.BFLOAT16_BITS`). Two dtypes are promoted as numpy
+    and ml_dtypes do (bfloat16 with float16 or float32: float32, a copy of the bfloat16 side)."""
+    q = as_float_array(q, "q", bfloat16=True)
+    k = as_float_array(k, "k", bfloat16=True)
     if q.dtype != k.dtype:
+        q, k = (bfloat16_to_float32(a) if a.dtype == BFLOAT16_BITS else a for a in (q, k))
         common = np.promote_types(q.dtype, k.dtype)
         q, k = q.astype(common, copy=False), k.astype(common, copy=False)
     return q, k
@@ -111,7 +128,7 @@ def attention_patterns(
     Parameters
     ----------
     q : array_like, shape (*lead, n, n_heads, d_head), or (*lead, n_heads, n, d_head) for "bhnd"
-        Queries (float16/32/64, any strides; TransformerLens ``hook_q``).
+        Queries (bfloat16, float16/32/64, any strides; TransformerLens ``hook_q``).
     k : array_like, shape (*lead, n, n_kv_heads, d_head), or (*lead, n_kv_heads, n, d_head)
         Keys; ``n_kv_heads`` divides ``n_heads`` (grouped-query attention).
     scale : float, optional
@@ -126,7 +143,7 @@ def attention_patterns(
     softcap : float > 0, optional
         Logit soft cap c: s_ij = c * tanh(scale * q_i . k_j / c) (Gemma-2's
         ``attn_logit_softcapping``). Must be finite (and representable in float32 for
-        float16/32 input).
+        bfloat16/float16/32 input).
     window : int >= 1, optional
         Sliding window w: key j is allowed only when i - j < w (Hugging Face's
         ``sliding_window``). Needs ``causal=True``; ``w >= n`` changes nothing.
@@ -136,7 +153,7 @@ def attention_patterns(
     ndarray, shape (*lead, n_heads, n, n)
         ``A[..., h, i, j] = exp(s_ij) / sum_{j' allowed} exp(s_ij')`` for allowed keys j
         (j <= i when causal, i - j < window, mask 1), else 0; rows without an allowed key are all
-        zeros. float32 for float16/float32 input, float64 for float64 input.
+        zeros. float32 for bfloat16/float16/float32 input, float64 for float64 input.
 
     Notes
     -----
@@ -154,7 +171,9 @@ def attention_patterns(
     q, k = _qk(q, k)
     o = _options(scale, causal, layout, softcap, window)
     mask = as_key_mask(attention_mask)
-    return _core.attention_patterns(q, k, o["scale"], o["causal"], mask, o["layout"], o["softcap"], o["window"])
+    return _core.attention_patterns(
+        kernel_array(q), kernel_array(k), o["scale"], o["causal"], mask, o["layout"], o["softcap"], o["window"]
+    )
 
 
 @overload
@@ -249,8 +268,8 @@ def scores_from_qk(
         (natural log) over the scaled, soft-capped logits s_ij and the keys the same rules allow
         (causal, ``window``, ``attention_mask`` padding keys): what flash-style attention kernels
         return (FlashAttention's ``softmax_lse``, torch's flash SDPA ops' logsumexp; for
-        ``layout="bnhd"`` input too the lse is ``[*lead, n_heads, n]``). float16/32/64 (bfloat16
-        torch tensors are widened to float32), any strides, CPU torch tensors. Then no logit
+        ``layout="bnhd"`` input too the lse is ``[*lead, n_heads, n]``). bfloat16, float16/32/64,
+        any strides, CPU torch tensors. Then no logit
         tile is computed: for each target j of query i, A[i, j] = exp(s_ij - lse_i), with s_ij
         recomputed by the same arithmetic as without ``lse``. It is read only at the rows that
         are scored (i >= 1, not padding), which must be finite; the others (query 0, padding
@@ -319,10 +338,10 @@ def scores_from_qk(
     names = _kind_names(kinds, offsets)
     q, k = _qk(q, k)
     o = _options(scale, causal, layout, softcap, window)
-    given = None if lse is None else as_float_array(lse, "lse", integers=False)
+    given = None if lse is None else kernel_array(as_float_array(lse, "lse", integers=False, bfloat16=True))
     result = _core.scores_from_qk(
-        q,
-        k,
+        kernel_array(q),
+        kernel_array(k),
         as_tokens(tokens),
         names,
         o["scale"],

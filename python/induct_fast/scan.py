@@ -159,7 +159,7 @@ def _pattern_scorer(
     first: list[tuple[int, ...]] = []
 
     def score(index: int, layer: Any) -> LayerScores:
-        array = as_float_array(layer, f"layer {index}")
+        array = as_float_array(layer, f"layer {index}", bfloat16=True)
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4:

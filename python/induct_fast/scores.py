@@ -1,8 +1,9 @@
 """Scores of attention heads from their attention patterns (DESIGN.md section 4).
 
 Every function takes ``patterns`` of shape ``[*lead, n, n]`` (query rows, key columns; typically
-``[batch, layer, head, n, n]``) in float16, float32 or float64 with any strides, and returns
-float64 arrays. ``tokens`` is ``[n]`` (shared by every leading index) or ``[lead[0], n]`` (one row
+``[batch, layer, head, n, n]``) in bfloat16, float16, float32 or float64 with any strides, and
+returns float64 arrays. bfloat16 (CPU torch tensors, ml_dtypes/JAX numpy arrays) is read natively,
+without a copy, and scores exactly like float32 of the same values. ``tokens`` is ``[n]`` (shared by every leading index) or ``[lead[0], n]`` (one row
 per batch element).
 
 Target sets T(i) of query i, for a token row t:
@@ -35,7 +36,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._arrays import as_count, as_float_array, as_key_mask, as_tokens
+from ._arrays import as_count, as_float_array, as_key_mask, as_tokens, kernel_array
 
 DEFAULT_KINDS = ("previous_token", "duplicate_token", "induction")
 KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
@@ -84,7 +85,7 @@ def head_scores(
     Parameters
     ----------
     patterns : array_like, shape (*lead, n, n)
-        Attention patterns, query rows and key columns (float16/32/64, any strides).
+        Attention patterns, query rows and key columns (bfloat16, float16/32/64, any strides).
     tokens : array_like of int, shape (n,) or (lead[0], n), optional
         Token ids; needed by ``duplicate_token`` and ``induction``.
     kinds : str or sequence of str
@@ -130,7 +131,7 @@ def head_scores(
     """
     names = _kind_names(kinds, offsets)
     values = _core.head_scores(
-        as_float_array(patterns, "patterns"),
+        kernel_array(as_float_array(patterns, "patterns", bfloat16=True)),
         as_tokens(tokens),
         names,
         bool(exclude_bos),
@@ -216,7 +217,7 @@ def detection_scores(
     else:
         kind, matrices = None, _detection_matrices(detection, patterns)
     scores = _core.detection_scores(
-        as_float_array(patterns, "patterns"),
+        kernel_array(as_float_array(patterns, "patterns", bfloat16=True)),
         kind,
         matrices,
         as_tokens(tokens),

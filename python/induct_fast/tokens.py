@@ -7,7 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import as_count, as_float_array, as_seed, as_tokens
+from ._arrays import as_count, as_float_array, as_seed, as_tokens, kernel_array
 
 
 def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: Optional[int] = None, bos: Optional[int] = 0) -> np.ndarray:
@@ -49,8 +49,8 @@ def token_losses(logits: Any, tokens: Any) -> np.ndarray:
     Parameters
     ----------
     logits : array_like, shape (batch, n, vocab) or (n, vocab)
-        float16, float32 or float64, any strides (C-contiguous input is read in place; CPU
-        torch tensors without a copy).
+        bfloat16, float16, float32 or float64, any strides (C-contiguous input is read in place;
+        CPU torch tensors, bfloat16 ones included, without a copy).
     tokens : array_like of int, shape (batch, n) or (n,)
         The token ids the logits were computed from; every id must lie in ``[0, vocab)``.
 
@@ -72,7 +72,7 @@ def token_losses(logits: Any, tokens: Any) -> np.ndarray:
     >>> np.round(ift.token_losses(logits, [[0, 1, 2]]), 4)     # log 4
     array([[1.3863, 1.3863]])
     """
-    arr = as_float_array(logits, "logits")
+    arr = as_float_array(logits, "logits", bfloat16=True)
     if arr.ndim not in (2, 3):  # before the tokens, whose expected shape follows from this one
         raise ValueError(f"logits: expected shape (n, vocab) or (batch, n, vocab), got shape {arr.shape}")
     if tokens is None:
@@ -84,7 +84,7 @@ def token_losses(logits: Any, tokens: Any) -> np.ndarray:
         raise ValueError(f"tokens: expected token ids in [0, vocab_size), got {raw[index]} at index {index}")
     ids = as_tokens(tokens, "tokens")
     assert ids is not None  # None was refused above
-    return _core.token_losses(arr, ids)
+    return _core.token_losses(kernel_array(arr), ids)
 
 
 def icl_score(losses: Any, early: int = 50, late: int = 500) -> float:

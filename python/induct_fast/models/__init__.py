@@ -121,10 +121,11 @@ def scan_model(
     Notes
     -----
     Exact: equal to :func:`induct_fast.head_scores` of the same model's eager patterns (to ~1e-6
-    in float32). Memory: the model's own forward plus one layer's q and k (bfloat16 is widened to
-    float32, a model on an accelerator has each layer's q and k copied to host memory and scored on
-    the CPU). The model is put in eval mode with gradients off for the pass and left as it was
-    (hooks removed, attention implementation and training mode restored), also on error.
+    in float32). Memory: the model's own forward plus one layer's q and k (bfloat16 and float16
+    are read as they are; a model on an accelerator has each layer's q and k copied to host
+    memory and scored on the CPU). The model is put in eval mode with gradients off for the pass
+    and left as it was (hooks removed, attention implementation and training mode restored), also
+    on error.
     A feature the kernel does not implement (ALiBi, attention sinks, an attention mask other than
     causal + sliding window + padding, an unknown attention keyword) raises NotImplementedError
     naming it.

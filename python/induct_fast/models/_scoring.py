@@ -86,15 +86,10 @@ class StopForward(Exception):
 
 
 def to_host(x: Any) -> Any:
-    """A detached CPU tensor the kernels can read without a copy: a tensor on an accelerator is
-    copied to host memory (one layer at a time), bfloat16 widened to float32 (numpy has no
-    bfloat16)."""
-    import torch
-
+    """A detached CPU tensor the kernels can read without a copy (bfloat16 too): a tensor on an
+    accelerator is copied to host memory (one layer at a time)."""
     x = x.detach()
-    if x.dtype == torch.bfloat16:
-        x = x.to(device="cpu", dtype=torch.float32)
-    elif x.device.type != "cpu":
+    if x.device.type != "cpu":
         x = x.to("cpu")
     return x
 

@@ -1,6 +1,6 @@
 """Benchmark of the fused scores_from_qk against numpy and against attention_patterns + head_scores.
 
-Run: python benches/bench_attention.py [--quick] [--lse-only | --options-only | --headline-only]
+Run: python benches/bench_attention.py [--quick] [--lse-only | --options-only | --headline-only | --bf16-only]
 
 1. n = 2048, 12 heads, d_head 64, batch 1 (float32): scores (previous_token, duplicate_token,
    induction) by
@@ -21,6 +21,10 @@ Run: python benches/bench_attention.py [--quick] [--lse-only | --options-only | 
    lse kept), and with lse= that lse as float32 (what a flash kernel hands over: only the target
    logits, O(n |T|)); the ratio without / with. Under --quick the full pass at 65536 (~2-4 s)
    is skipped.
+5. bfloat16 q and k (torch tensors, as a bf16 model's cache holds them), n = 2048, 12 heads,
+   d_head 64: scores_from_qk on bf16 against float32 of the same values and against the route
+   before issue 13 (``.float()`` first), without and with a given lse (where only target
+   logits are computed, so converting the heads to float32 weighs most).
 
 Every timing is the best of 5 rounds that run all candidates in turn (the machine may be shared,
 and this way load from other processes falls on every candidate alike). Part 1 is repeated in a
@@ -234,6 +238,40 @@ def given_lse(sizes=(4096, 16384, 65536), d=64, quick=False):
     print("without lse grows as n^2, with lse as n |T|: the ratio grows about as n")
 
 
+def bfloat16(n=2048, heads=12, d=64, rounds=5):
+    try:
+        import torch
+    except ImportError:
+        print("\n(bfloat16 skipped: torch is not installed)")
+        return
+    print(f"\n== bfloat16 q, k (torch), {heads} heads, n = {n}, d_head = {d}: scores_from_qk ==")
+    gen = torch.Generator().manual_seed(0)
+    q16 = torch.randn((1, n, heads, d), generator=gen).to(torch.bfloat16)
+    k16 = torch.randn((1, n, heads, d), generator=gen).to(torch.bfloat16)
+    q32, k32 = q16.float(), k16.float()
+    tokens = inf.repeated_tokens(1, n // 2, 50_000, seed=0)[:, :n]
+    want, lse = inf.scores_from_qk(q32, k32, tokens, kinds=KINDS, return_lse=True)
+    got = inf.scores_from_qk(q16, k16, tokens, kinds=KINDS)
+    assert all(np.array_equal(got[kind], want[kind]) for kind in KINDS), "bf16 differs from float32 of the same values"
+    t = best_times(
+        {
+            "bf16": lambda: inf.scores_from_qk(q16, k16, tokens, kinds=KINDS),
+            "f32": lambda: inf.scores_from_qk(q32, k32, tokens, kinds=KINDS),
+            "old": lambda: inf.scores_from_qk(q16.float(), k16.float(), tokens, kinds=KINDS),
+            "bf16_lse": lambda: inf.scores_from_qk(q16, k16, tokens, kinds=KINDS, lse=lse),
+            "f32_lse": lambda: inf.scores_from_qk(q32, k32, tokens, kinds=KINDS, lse=lse),
+            "old_lse": lambda: inf.scores_from_qk(q16.float(), k16.float(), tokens, kinds=KINDS, lse=lse),
+        },
+        rounds,
+    )
+    for suffix, what in (("", "full pass"), ("_lse", "given lse")):
+        bf, f32, old = t["bf16" + suffix], t["f32" + suffix], t["old" + suffix]
+        print(
+            f"{what:10s} bf16 {bf * 1e3:8.2f} ms  float32 {f32 * 1e3:8.2f} ms ({bf / f32:.2f}x)  "
+            f".float() first {old * 1e3:8.2f} ms ({old / bf:.2f}x bf16)"
+        )
+
+
 ONE_CORE = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "INDUCT_FAST_NUM_THREADS": "1"}
 
 
@@ -245,6 +283,9 @@ def main():
     if "--lse-only" in sys.argv:
         given_lse(quick=quick)
         return
+    if "--bf16-only" in sys.argv:
+        bfloat16(rounds=2 if quick else 5)
+        return
     if "--headline-only" in sys.argv:
         headline(rounds=2 if quick else 5)
         return
@@ -255,6 +296,7 @@ def main():
     scaling(sizes=(1024, 4096) if quick else (1024, 4096, 16384))
     options()
     given_lse(quick=quick)
+    bfloat16(rounds=2 if quick else 5)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Benchmark of induct_fast's scores against the numpy a user would write (DESIGN.md section 4).
 
-Run:  python benches/bench_scores.py            (~15 s on 2 cores; 1.2 GB of patterns, 2.5 GB peak
+Run:  python benches/bench_scores.py            (~20 s on 2 cores; 1.2 GB of patterns, 2.5 GB peak
                                                  with the float64 diagnostic; --no-extra skips it)
       python benches/bench_scores.py --small    (shape [2, 2, 4, 1024, 1024], for a quick check)
+      python benches/bench_scores.py --bf16-only  (only (d): bfloat16 against float32, needs torch)
 
 Prints the array sizes, then one table row per measurement: our time, the baseline's time, the
 ratio (baseline / ours, > 1 means we are faster, or for (c) the fraction of the measured 2-thread
@@ -153,7 +154,11 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="shape [2, 2, 4, 1024, 1024] for a quick check")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-extra", action="store_true", help="skip the (c) diagnostics (f64, 1 thread)")
+    parser.add_argument("--bf16-only", action="store_true", help="only (d), bfloat16 against float32")
     args = parser.parse_args()
+    if args.bf16_only:
+        bfloat16_rows(args.repeats, args.small)
+        return 0
 
     b, n = 2, 1024
     shape = (b, 2, 4, n, n) if args.small else (b, 12, 12, n, n)
@@ -267,9 +272,39 @@ def main() -> int:
         t64np = best_time(lambda: numpy_sum_threads(sub64.reshape(2, -1)), R)
         row(f"  detection 'mul' float64 {list(sub64.shape[:3])} heads", t64, t64np, (gb64 / t64) / (gb64 / t64np), None, unit="frac")
         print(f"  float64: {sub64.nbytes / 1e9:.3f} GB, ours {gb64 / t64:.2f} GB/s, numpy 2 threads {gb64 / t64np:.2f} GB/s")
-        del sub64
+        del sub64, sub, as64
 
+    del patterns, halves, whole  # (d) builds its own arrays
+    bfloat16_rows(R, args.small)
     return 0
+
+
+def bfloat16_rows(R: int, small: bool) -> None:
+    """(d) torch bfloat16 patterns read natively, against float32 of the same values and against
+    the route before issue 13 (``t.float()`` first: a float32 copy of the whole array)."""
+    try:
+        import torch
+    except ImportError:
+        print("\n(d) skipped: torch is not installed")
+        return
+    b, n = 8, 512
+    shape = (b, 2, 4, n, n) if small else (b, 12, 12, n, n)
+    t16 = torch.from_numpy(make_patterns(shape, seed=1)).to(torch.bfloat16)
+    t32 = t16.float()  # the same values in float32
+    tokens = make_tokens(b, n)
+    print(f"\npatterns: bfloat16 {list(shape)} = {t16.numel() * 2 / 1e9:.2f} GB (float32 of the same values {t32.numel() * 4 / 1e9:.2f} GB)")
+    ours, want = inf.head_scores(t16, tokens), inf.head_scores(t32, tokens)
+    assert all(np.array_equal(ours[k], want[k]) for k in KINDS), "bf16 scores differ from float32 of the same values"
+    header("(d) bfloat16 read natively: head_scores(3 kinds) of a torch bf16 tensor (ratio = other / bf16)")
+    t_bf = best_time(lambda: inf.head_scores(t16, tokens), R)
+    t_f32 = best_time(lambda: inf.head_scores(t32, tokens), R)
+    t_old = best_time(lambda: inf.head_scores(t16.float(), tokens), R, min_total=0)
+    row("head_scores bf16 vs float32 of the same values", t_bf, t_f32, t_f32 / t_bf, 0.67)  # within 1.5x
+    row("head_scores bf16 vs old route t.float() first", t_bf, t_old, t_old / t_bf, None)
+    D = np.eye(n, k=-1, dtype=np.float32)
+    t_dbf = best_time(lambda: inf.detection_scores(t16, D), R)
+    t_df32 = best_time(lambda: inf.detection_scores(t32, D), R)
+    row("detection_scores(D) bf16 vs float32 (full pass)", t_dbf, t_df32, t_df32 / t_dbf, None)
 
 
 if __name__ == "__main__":

@@ -305,6 +305,45 @@ def test_scan_over_bfloat16_caches_equals_float32():
     assert_same(inf.scan(hooks, tokens).per_prompt, want_qk)
 
 
+def test_bfloat16_safetensors_files_are_memory_mapped_and_score_like_float32(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    patterns, tokens = patterns_and_tokens(lead=(2, 3, 4), n=24, seed=12)
+    stacked = forms(patterns)["torch"]
+    want = inf.scan(patterns, tokens).per_prompt
+    path = tmp_path / "cache.safetensors"
+    layers = {f"blocks.{layer}.attn.hook_pattern": stacked[:, layer].contiguous() for layer in range(3)}
+    safetensors_torch.save_file({**layers, "tokens": torch.from_numpy(tokens)}, path)
+    assert_same(inf.scan(path).per_prompt, want)
+    path = tmp_path / "stacked.safetensors"
+    safetensors_torch.save_file({"patterns": stacked}, path)
+    assert_same(inf.scan(path, tokens).per_prompt, want)
+    layer = next(iter(inf.files.open_patterns(path)))
+    assert isinstance(layer, np.memmap) and layer.dtype == BFLOAT16_BITS
+    # Written by hand: a 3-byte tensor first puts the bfloat16 data at an odd offset (the
+    # safetensors writer orders tensors by dtype size, so it never does), read via an aligned copy.
+    data = stacked.contiguous().view(torch.int16).numpy().tobytes()
+    header = {"odd": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}
+    header["patterns"] = {"dtype": "BF16", "shape": list(stacked.shape), "data_offsets": [3, 3 + len(data)]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"\0\0\0" + data)
+    layer = next(iter(inf.files.open_patterns(path, key="patterns")))
+    assert not layer.view(np.uint16).flags.aligned
+    assert as_float_array(layer, "layer", bfloat16=True).view(np.uint16).flags.aligned
+    assert_same(inf.scan(path, tokens, key="patterns").per_prompt, want)
+
+
+def test_misaligned_bfloat16_arrays_are_copied_to_aligned_memory():
+    values = narrow(np.linspace(-1, 1, 10))
+    odd = np.zeros(2 * 10 + 1, np.uint8)[1:].view(BF16)  # numpy's buffer is aligned, so [1:] is not
+    odd[...] = values.astype(BF16)
+    assert not odd.view(np.uint16).flags.aligned
+    bits = as_float_array(odd, "x", bfloat16=True)
+    assert bits.view(np.uint16).flags.aligned and not np.shares_memory(bits, odd)
+    np.testing.assert_array_equal(inf.token_losses(odd.reshape(2, 5), [0, 1]), inf.token_losses(values.reshape(2, 5), [0, 1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 

@@ -115,7 +115,9 @@ def as_float_array(x: Any, name: str, *, integers: bool = True, bfloat16: bool =
         if not bfloat16:
             return bfloat16_to_float32(arr)
         bits = arr.view(BFLOAT16_BITS)
-        return bits if bits.flags.aligned else bits.copy()
+        # The kernels read 2-byte elements: they must sit at even addresses (BFLOAT16_BITS itself
+        # has alignment 1, so ask its uint16 view).
+        return bits if bits.view(np.uint16).flags.aligned else bits.copy()
     kind = arr.dtype.kind
     if kind == "c":
         raise TypeError(f"{name}: expected a real numeric array, got complex dtype {arr.dtype}")

@@ -14,7 +14,8 @@ Conventions (the same for :func:`induct_fast.scan` given a path and for ``induct
     are read one layer at a time (a compressed stacked array is read whole, once).
 ``.safetensors``
     The same two layouts, read through the ``safetensors`` package one layer (or one slice of a
-    stacked tensor) at a time. bfloat16 tensors are not supported by its numpy API.
+    stacked tensor) at a time. bfloat16 tensors, which its numpy API refuses, are memory-mapped
+    from the file instead and read natively by the kernels.
 
 A key named ``tokens`` is never a layer: it holds the token ids ``[n]`` or ``[batch, n]`` the
 patterns were computed on, and scans use it unless tokens are given explicitly. ``key`` (a glob,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import os
 import re
 import struct
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
+
+from ._arrays import BFLOAT16_BITS
 
 SUFFIXES = (".npy", ".npz", ".safetensors")
 TOKENS_KEY = "tokens"
@@ -447,10 +451,30 @@ class _SafetensorsReader:
 
     def read(self, key: str, layer: Optional[int]) -> np.ndarray:
         if self._dtypes[key].upper() == "BF16":
-            raise TypeError(f"{self.path}: {key!r} is bfloat16, which numpy cannot hold; save it as float32 or float16")
+            return self._bfloat16(key, layer)
         try:
             with self._open() as f:
                 array: np.ndarray = f.get_tensor(key) if layer is None else f.get_slice(key)[:, layer]
             return array
         except Exception as exc:
             raise ValueError(f"{self.path}: could not read {key!r} ({exc})") from None
+
+    def _bfloat16(self, key: str, layer: Optional[int]) -> np.ndarray:
+        """A bfloat16 tensor memory-mapped as :data:`~induct_fast._arrays.BFLOAT16_BITS` (numpy has
+        no bfloat16, so the safetensors numpy API refuses it). The format: an 8-byte little-endian
+        header size, the JSON header (each tensor's ``data_offsets`` into the data), the data."""
+        shape = self._shapes[key]
+        try:
+            with open(self.path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                start, end = json.loads(f.read(size))[key]["data_offsets"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.path}: could not read {key!r} ({exc})") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != 2 * count:
+            raise ValueError(f"{self.path}: {key!r} holds {end - start} bytes, expected {2 * count} for bfloat16 of shape {shape}")
+        if count == 0:
+            array = np.empty(shape, BFLOAT16_BITS)
+        else:
+            array = np.memmap(self.path, dtype=BFLOAT16_BITS, mode="r", offset=8 + size + start, shape=shape)
+        return array if layer is None else array[:, layer]

@@ -3,8 +3,8 @@
     python tests/bf16_memory.py
 
 prints one JSON object {job: {"growth": bytes, "seconds": s, "input": bytes}}: for each job the
-growth of peak resident memory over the resident memory just before it (VmHWM reset through
-/proc/self/clear_refs, as tests/model_memory.py does), so building the inputs does not count.
+growth of peak resident memory over the resident memory just before it (tests/peak_memory.py's
+``measure``, as tests/model_memory.py uses it), so building the inputs does not count.
 The inputs are filled cheaply (one head written, then copied over the whole tensor), and every
 job reads real values. ``widened_qk`` is the old route (``.float()`` first), kept as a control
 that the measurement sees a float32 copy. Used by tests/test_bfloat16.py.
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import induct_fast as inf
+from peak_memory import measure
 
 # 1.2 GB of bfloat16 patterns [16, 12, 12, 512, 512] (a float32 copy would add 2.4 GB).
 PATTERNS = (16, 12, 12, 512, 512)
@@ -27,23 +28,6 @@ PATTERNS = (16, 12, 12, 512, 512)
 Q, K = (64, 1024, 16, 64), (64, 1024, 4, 64)
 # logits [4, 512, 32768] (128 MiB).
 LOGITS = (4, 512, 32768)
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def measure(job, nbytes: int) -> dict:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_bytes("VmRSS")
-    start = time.perf_counter()
-    job()
-    return {"growth": status_bytes("VmHWM") - before, "seconds": time.perf_counter() - start, "input": nbytes}
 
 
 def causal_patterns(shape: tuple[int, ...]) -> torch.Tensor:
@@ -66,15 +50,19 @@ def main() -> None:
     n = PATTERNS[-1]
     tokens = inf.repeated_tokens(PATTERNS[0], period=n // 2, vocab_size=50000, seed=0)[:, :n]
     results = {}
+
+    def sized(job, nbytes: int) -> dict:
+        return {**measure(job), "input": nbytes}
+
     patterns = causal_patterns(PATTERNS)
     size = patterns.numel() * 2
     inf.head_scores(patterns[:1, :1], tokens[:1])  # first-call costs (thread pool) are not measured
-    results["head_scores_torch"] = measure(lambda: inf.head_scores(patterns, tokens), size)
-    results["detection_scores_torch"] = measure(lambda: inf.detection_scores(patterns, "previous_token"), size)
+    results["head_scores_torch"] = sized(lambda: inf.head_scores(patterns, tokens), size)
+    results["detection_scores_torch"] = sized(lambda: inf.detection_scores(patterns, "previous_token"), size)
     as_ml = patterns.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # a JAX-style numpy array, same memory
-    results["head_scores_ml_dtypes"] = measure(lambda: inf.head_scores(as_ml, tokens), size)
+    results["head_scores_ml_dtypes"] = sized(lambda: inf.head_scores(as_ml, tokens), size)
     transposed = patterns.transpose(0, 2)  # a strided view [12, 12, 16, n, n]
-    results["head_scores_transposed"] = measure(lambda: inf.head_scores(transposed, kinds="previous_token"), size)
+    results["head_scores_transposed"] = sized(lambda: inf.head_scores(transposed, kinds="previous_token"), size)
     del patterns, as_ml, transposed
 
     q, k = noise(Q, 1), noise(K, 2)
@@ -84,15 +72,15 @@ def main() -> None:
     _, lse = inf.scores_from_qk(q[:1], k[:1], qk_tokens[:1], kinds=kinds, return_lse=True)
     lse = np.broadcast_to(lse, (Q[0], *lse.shape[1:]))
     qk_bytes = (q.numel() + k.numel()) * 2
-    results["scores_from_qk"] = measure(lambda: inf.scores_from_qk(q, k, qk_tokens, kinds=kinds, lse=lse), qk_bytes)
-    results["widened_qk"] = measure(
+    results["scores_from_qk"] = sized(lambda: inf.scores_from_qk(q, k, qk_tokens, kinds=kinds, lse=lse), qk_bytes)
+    results["widened_qk"] = sized(
         lambda: inf.scores_from_qk(q.float(), k.float(), qk_tokens, kinds=kinds, lse=lse), qk_bytes
     )
     del q, k
 
     logits = noise(LOGITS, 3)
     ids = np.random.default_rng(0).integers(0, LOGITS[-1], size=LOGITS[:2])
-    results["token_losses"] = measure(lambda: inf.token_losses(logits, ids), logits.numel() * 2)
+    results["token_losses"] = sized(lambda: inf.token_losses(logits, ids), logits.numel() * 2)
     print(json.dumps(results))
 
 

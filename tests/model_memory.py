@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import induct_fast as inf
+from peak_memory import measure
 
 
 def llama_shaped(layers: int = 4, attn: str = "sdpa") -> LlamaForCausalLM:
@@ -29,24 +29,6 @@ def llama_shaped(layers: int = 4, attn: str = "sdpa") -> LlamaForCausalLM:
         num_key_value_heads=2, max_position_embeddings=65536, attn_implementation=attn,
     )
     return LlamaForCausalLM(config).eval()
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def measure(job, *args) -> dict:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_bytes("VmRSS")
-    start = time.perf_counter()
-    job(*args)
-    seconds = time.perf_counter() - start
-    return {"growth": status_bytes("VmHWM") - before, "seconds": seconds}
 
 
 def main() -> None:

@@ -215,6 +215,8 @@ def _token_ids(value: Any, name: str, *, minimum_length: int) -> np.ndarray:
 
 def _depths(depths: Any) -> np.ndarray:
     """Depths as a 1-D float64 array of values in [0, 1] (a single number is one depth)."""
+    if depths is None or isinstance(depths, (str, bytes)):
+        raise TypeError(f"depths: expected a sequence of numbers in [0, 1], got {type(depths).__name__}")
     values = [depths] if isinstance(depths, numbers.Number) else depths
     try:
         raw = np.asarray(values)
@@ -228,5 +230,5 @@ def _depths(depths: Any) -> np.ndarray:
     bad = ~((at >= 0.0) & (at <= 1.0))  # NaN included
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"depths: expected numbers in [0, 1], got {raw[index]!r} at index {index}")
+        raise ValueError(f"depths: expected numbers in [0, 1], got {raw[index].item()!r} at index {index}")
     return at

@@ -73,17 +73,28 @@ def test_repeated_seeds_are_reproducible():
     assert a.tokens.shape == (4, 101)  # Olsson et al.: BOS + 25 tokens x 4
 
 
-def test_repeated_spans_leave_the_induction_scores_of_distinct_blocks_unchanged_without_the_kernel():
-    # Without spans, no query of the first block is eligible for induction (its tokens are new):
-    # the spans of `repeated` select exactly the queries the kind already counts.
+def random_patterns(tokens: np.ndarray, heads: int, seed: int) -> np.ndarray:
+    """Causal softmax-like rows [batch, heads, n, n] (positive, summing to 1)."""
+    n = tokens.shape[1]
+    patterns = np.tril(np.random.default_rng(seed).random((tokens.shape[0], heads, n, n)) + 0.01)
+    return patterns / patterns.sum(-1, keepdims=True)
+
+
+def test_repeated_spans_keep_exactly_the_queries_the_repeats_make_predictable():
     p = probes.repeated(2, 6, 3, 50, seed=1)
-    rng = np.random.default_rng(0)
-    patterns = np.tril(rng.random((2, 3, p.tokens.shape[1], p.tokens.shape[1])))
-    patterns /= patterns.sum(-1, keepdims=True)
-    per_query = inf.head_scores(patterns, p.tokens, kinds=("induction", "duplicate_token"), per_query=True)
-    for kind in ("induction", "duplicate_token"):
-        eligible = ~np.isnan(per_query[kind])
-        np.testing.assert_array_equal(eligible, np.broadcast_to(p.queries[:, None], eligible.shape))
+    patterns = random_patterns(p.tokens, 3, seed=0)
+    spans = dict(queries=p.queries, keys=p.keys)
+    scored = inf.head_scores(patterns, p.tokens, kinds=("induction", "duplicate_token", "copy"), per_query=True, **spans)
+    n = p.tokens.shape[1]
+    for kind, last in (("induction", n), ("duplicate_token", n), ("copy", n - 1)):  # copy: i <= n - 2
+        expected = np.zeros((2, n), dtype=bool)
+        expected[:, 1 + 6 : last] = True
+        np.testing.assert_array_equal(~np.isnan(scored[kind]), np.broadcast_to(expected[:, None], scored[kind].shape), err_msg=kind)
+    # with distinct blocks no query of the first copy has an earlier copy: the spans change nothing
+    plain = inf.head_scores(patterns, p.tokens, kinds=("induction", "duplicate_token"))
+    with_spans = inf.head_scores(patterns, p.tokens, kinds=("induction", "duplicate_token"), **spans)
+    for kind in plain:
+        np.testing.assert_array_equal(plain[kind], with_spans[kind])
 
 
 # -- needle ----------------------------------------------------------------------------------------
@@ -155,3 +166,38 @@ def test_needle_inputs_are_not_written_and_outputs_are_fresh():
 
 def test_probes_is_exported():
     assert inf.probes is probes and "probes" in inf.__all__
+
+
+def test_needle_spans_score_a_perfect_retrieval_head_1_and_a_previous_token_head_0():
+    rng = np.random.default_rng(5)
+    haystack, needle = rng.integers(100, 200, 30), np.array([3, 4, 5, 6])
+    p = probes.needle(haystack, needle, [0.0, 0.3, 0.5, 1.0], question=[9, 9], bos=1)
+    batch, n = p.tokens.shape
+    patterns = random_patterns(p.tokens, 2, seed=1) * 0.5  # half of every row spread out, then:
+    for b in range(batch):
+        targets = np.flatnonzero(p.keys[b])
+        for i in range(n):
+            if p.queries[b, i]:  # head 0 attends mostly to the needle key holding token i + 1
+                k = int(np.flatnonzero(p.queries[b])[0])
+                patterns[b, 0, i, targets[i - k]] += 0.5
+            else:
+                patterns[b, 0, i, 0] += 0.5
+            patterns[b, 1, i, max(i - 1, 0)] += 0.5  # head 1: the previous token
+    scores = inf.head_scores(patterns, p.tokens, kinds="copy", measure="top1", queries=p.queries, keys=p.keys)["copy"]
+    np.testing.assert_array_equal(scores, np.tile([1.0, 0.0], (batch, 1)))
+    per_query = inf.head_scores(patterns, p.tokens, kinds="copy", measure="top1", queries=p.queries, keys=p.keys, per_query=True)["copy"]
+    np.testing.assert_array_equal(~np.isnan(per_query[:, 0]), p.queries)  # every query is eligible, no other
+
+
+def test_arenas_diagonal_mean_is_the_offset_kind_and_the_spans_drop_the_first_copy():
+    # README recipe: ARENA's induction score, pattern.diagonal(offset=1 - seq_len) averaged over
+    # batch and positions, is offset_<seq_len - 1>; the probe's queries keep only the repeat.
+    seq_len = 7
+    p = probes.repeated(3, seq_len, 2, 40, seed=2)
+    patterns = random_patterns(p.tokens, 2, seed=3)  # [batch, head, n, n]
+    arena = np.diagonal(patterns, offset=1 - seq_len, axis1=-2, axis2=-1).mean(axis=(0, -1))
+    grid = inf.HeadScores({"offset": inf.head_scores(patterns, kinds=(), offsets=seq_len - 1)[f"offset_{seq_len - 1}"][:, None]})["offset"][0]
+    np.testing.assert_allclose(grid, arena, rtol=1e-12)
+    repeat = np.diagonal(patterns, offset=1 - seq_len, axis1=-2, axis2=-1)[..., 2:].mean(axis=(0, -1))
+    spans = inf.head_scores(patterns, kinds=(), offsets=seq_len - 1, queries=p.queries)[f"offset_{seq_len - 1}"].mean(axis=0)
+    np.testing.assert_allclose(spans, repeat, rtol=1e-12)

@@ -110,6 +110,7 @@ LOGITS = _rng.standard_normal((B, N, VOCAB))
 LOGIT_TOKENS = _rng.integers(0, VOCAB, (B, N))
 
 PATTERNS = np.tril(np.ones((B, 3, NH, N, N))) / np.arange(1, N + 1)[:, None]  # [batch, layer, head, n, n]
+SCORES = inf.HeadScores({"induction": _rng.random((B, 3, NH))})  # 3 layers of 4 heads
 
 
 def put(a: np.ndarray, index, value, dtype=None) -> np.ndarray:
@@ -340,6 +341,58 @@ BAD = {
     "repeated_tokens: bos str": row(inf.repeated_tokens, 2, 3, 10, bos="a", names="bos"),
     # Regression (fixed): bos=1.5 is accepted: the BOS column becomes 1 while the blocks may contain 1 too
     "repeated_tokens: bos 1.5": row(inf.repeated_tokens, 2, 3, 10, bos=1.5, names="bos"),
+    # --- probes.repeated (shares its intake with repeated_tokens) and probes.needle
+    "probes.repeated: repeats 1": row(inf.probes.repeated, 2, 3, 1, 10, names="repeats"),
+    "probes.repeated: repeats 2.0": row(inf.probes.repeated, 2, 3, 2.0, 10, names="repeats"),
+    "probes.repeated: repeats None": row(inf.probes.repeated, 2, 3, None, 10, names="repeats"),
+    "probes.repeated: period 0": row(inf.probes.repeated, 2, 0, 4, 10, names="period"),
+    "probes.repeated: vocab 1 with bos": row(inf.probes.repeated, 2, 3, 4, 1, names="vocab_size"),
+    "probes.repeated: seed -1": row(inf.probes.repeated, 2, 3, 4, 10, seed=-1, names="seed"),
+    "probes.repeated: bos -1": row(inf.probes.repeated, 2, 3, 4, 10, bos=-1, names="bos"),
+    "probes.needle: haystack empty": row(inf.probes.needle, [], [1, 2], [0.5], names="haystack"),
+    "probes.needle: haystack 2-d": row(inf.probes.needle, np.ones((2, 3), int), [1, 2], [0.5], names="haystack"),
+    "probes.needle: haystack float": row(inf.probes.needle, np.ones(5), [1, 2], [0.5], names="haystack"),
+    "probes.needle: haystack str": row(inf.probes.needle, "the hay", [1, 2], [0.5], names="haystack"),
+    "probes.needle: haystack None": row(inf.probes.needle, None, [1, 2], [0.5], names="haystack"),
+    "probes.needle: haystack negative id": row(inf.probes.needle, [3, -1, 4], [1, 2], [0.5], names=("haystack", "-1", "index 1")),
+    "probes.needle: haystack id 2**64 - 1": row(inf.probes.needle, np.array([3, 2**64 - 1], np.uint64), [1], [0.5], names=("haystack", "18446744073709551615")),
+    "probes.needle: haystack ragged": row(inf.probes.needle, [[1, 2], [3]], [1, 2], [0.5], names="haystack"),
+    "probes.needle: needle empty": row(inf.probes.needle, [5, 6], [], [0.5], names="needle"),
+    "probes.needle: needle bool": row(inf.probes.needle, [5, 6], np.array([True]), [0.5], names="needle"),
+    "probes.needle: needle scalar": row(inf.probes.needle, [5, 6], 7, [0.5], names="needle"),
+    "probes.needle: question float": row(inf.probes.needle, [5, 6], [7], [0.5], question=[1.5], names="question"),
+    "probes.needle: depth 1.5": row(inf.probes.needle, [5, 6], [7], [0.5, 1.5], names=("depths", "1.5", "index 1")),
+    "probes.needle: depth -0.1": row(inf.probes.needle, [5, 6], [7], -0.1, names="depths"),
+    "probes.needle: depth NaN": row(inf.probes.needle, [5, 6], [7], [float("nan")], names="depths"),
+    "probes.needle: depths empty": row(inf.probes.needle, [5, 6], [7], [], names="depths"),
+    "probes.needle: depths 2-d": row(inf.probes.needle, [5, 6], [7], [[0.5]], names="depths"),
+    "probes.needle: depths str": row(inf.probes.needle, [5, 6], [7], "0.5", names="depths"),
+    "probes.needle: depths bool": row(inf.probes.needle, [5, 6], [7], [True], names="depths"),
+    "probes.needle: depths None": row(inf.probes.needle, [5, 6], [7], None, names="depths"),
+    "probes.needle: bos -1": row(inf.probes.needle, [5, 6], [7], [0.5], bos=-1, names="bos"),
+    "probes.needle: bos 1.0": row(inf.probes.needle, [5, 6], [7], [0.5], bos=1.0, names="bos"),
+    # --- HeadScores.group_kv and HeadScores.select
+    "HeadScores.group_kv: 3 kv heads for 4 heads": row(SCORES.group_kv, 3, names=("n_kv_heads", "4", "3")),
+    "HeadScores.group_kv: more kv heads than heads": row(SCORES.group_kv, 8, names="n_kv_heads"),
+    "HeadScores.group_kv: 0 kv heads": row(SCORES.group_kv, 0, names="n_kv_heads"),
+    "HeadScores.group_kv: kv heads 2.0": row(SCORES.group_kv, 2.0, names="n_kv_heads"),
+    "HeadScores.group_kv: kv heads None": row(SCORES.group_kv, None, names="n_kv_heads"),
+    "HeadScores.group_kv: unknown reduce": row(SCORES.group_kv, 2, reduce="min", names=("reduce", "min")),
+    "HeadScores.group_kv: reduce None": row(SCORES.group_kv, 2, reduce=None, names="reduce"),
+    "HeadScores.group_kv: grouped twice": row(SCORES.group_kv(2).group_kv, 1, names=("n_kv_heads", "grouped already")),
+    "HeadScores.select: no rule": row(SCORES.select, "induction", names=("count", "fraction", "threshold")),
+    "HeadScores.select: two rules": row(SCORES.select, "induction", count=1, threshold=0.5, names=("count=1", "threshold=0.5")),
+    "HeadScores.select: count -1": row(SCORES.select, "induction", count=-1, names="count"),
+    "HeadScores.select: count 1.5": row(SCORES.select, "induction", count=1.5, names="count"),
+    "HeadScores.select: count True": row(SCORES.select, "induction", count=True, names="count"),
+    "HeadScores.select: fraction 1.5": row(SCORES.select, "induction", fraction=1.5, names=("fraction", "1.5")),
+    "HeadScores.select: fraction -0.1": row(SCORES.select, "induction", fraction=-0.1, names="fraction"),
+    "HeadScores.select: fraction NaN": row(SCORES.select, "induction", fraction=float("nan"), names="fraction"),
+    "HeadScores.select: fraction str": row(SCORES.select, "induction", fraction="0.1", names="fraction"),
+    "HeadScores.select: fraction True": row(SCORES.select, "induction", fraction=True, names="fraction"),
+    "HeadScores.select: threshold NaN": row(SCORES.select, "induction", threshold=np.float32("nan"), names="threshold"),
+    "HeadScores.select: threshold array": row(SCORES.select, "induction", threshold=np.array([0.5]), names="threshold"),
+    "HeadScores.select: threshold complex": row(SCORES.select, "induction", threshold=0.5j, names="threshold"),
     # --- scan
     "scan: int source": row(inf.scan, 42, TOKENS, names="source"),
     "scan: layer_axis 2": row(inf.scan, PATTERNS, TOKENS, layer_axis=2, names="layer_axis"),

@@ -269,6 +269,11 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
                         top1: self.top1,
                     };
                     let mut out = BlockOut { kinds, rows: row_out.pop() };
+                    // A block with no query to score (outside the query span, padding) costs
+                    // nothing, unless its per-row values are wanted.
+                    if out.rows.is_none() && !targets.any_query(rows.clone()) {
+                        return Ok(vec![(0.0, 0); n_kinds]);
+                    }
                     score(scratch, *h, rows.clone(), &targets, &mut out)
                 })
                 .collect::<Result<_>>()
@@ -283,6 +288,17 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
             None => means(&blocks, &partials, n_kinds, n_heads)?,
         };
         Ok(ArrayD::from_shape_vec(IxDyn(&shape), flat).expect("output length matches its shape"))
+    }
+}
+
+impl BlockTargets<'_> {
+    /// Whether some row of `rows` is a query that may be scored: i >= 1, a real token, inside
+    /// the query span.
+    fn any_query(&self, rows: Range<usize>) -> bool {
+        let scored = |i: usize| {
+            self.valid.as_ref().is_none_or(|v| v[i]) && self.queries.as_ref().is_none_or(|q| q[i])
+        };
+        (rows.start.max(1)..rows.end).any(scored)
     }
 }
 

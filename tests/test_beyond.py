@@ -268,3 +268,24 @@ def test_fused_scores_match_the_oracle(n, heads, seed, window, tied_keys, span_s
                        exclude_bos=exclude_bos, per_query=True)
         got = inf.scores_from_qk(q, k, tokens, **options)
         assert_same(got, oracle.scores_from_qk(q, k, tokens, **options), 1e-9, measure)
+
+
+def test_blocks_without_a_query_to_score_are_skipped_but_scores_unchanged():
+    """A query span covering a few rows of a long prompt: the blocks of rows before it are not
+    computed at all (stored and fused), and the scored rows are exactly those of a full pass."""
+    rng = np.random.default_rng(7)
+    n = 700
+    q = rng.standard_normal((1, n, 2, 8)).astype(np.float32)
+    tokens = random_tokens(rng, (1, n), 6)
+    queries = np.zeros(n, bool)
+    queries[600:620] = True
+    kinds = ("previous_token", "copy", "entropy")
+    for measure in MEASURES:
+        full = inf.scores_from_qk(q, q, tokens, kinds=kinds, measure=measure, per_query=True)
+        fused = inf.scores_from_qk(q, q, tokens, kinds=kinds, measure=measure, queries=queries, per_query=True)
+        stored = inf.head_scores(inf.attention_patterns(q, q), tokens, kinds=kinds, measure=measure, queries=queries,
+                                 per_query=True)
+        for kind in kinds:
+            want = np.where(queries, full[kind], np.nan)
+            np.testing.assert_array_equal(fused[kind], want, err_msg=kind)
+            np.testing.assert_allclose(stored[kind], want, atol=1e-5, err_msg=kind)

@@ -239,7 +239,18 @@ fn scores_from_qk<'py>(
     let lse = LseOptions { given, return_lse };
     let (scores, lse) = with_qk_views!(&q, &k, |qv, kv| {
         py.detach(|| {
-            attention::scores_and_lse_from_qk(qv, kv, tokens, mask, spans, &kinds, options, score, reduce(per_query), lse)
+            attention::scores_and_lse_from_qk(
+                qv,
+                kv,
+                tokens,
+                mask,
+                spans,
+                &kinds,
+                options,
+                score,
+                reduce(per_query),
+                lse,
+            )
         })
         .map_err(value_error)
     })?;

@@ -295,9 +295,7 @@ impl BlockTargets<'_> {
     /// Whether some row of `rows` is a query that may be scored: i >= 1, a real token, inside
     /// the query span.
     fn any_query(&self, rows: Range<usize>) -> bool {
-        let scored = |i: usize| {
-            self.valid.as_ref().is_none_or(|v| v[i]) && self.queries.as_ref().is_none_or(|q| q[i])
-        };
+        let scored = |i: usize| self.valid.as_ref().is_none_or(|v| v[i]) && self.queries.as_ref().is_none_or(|q| q[i]);
         (rows.start.max(1)..rows.end).any(scored)
     }
 }
@@ -972,6 +970,40 @@ mod tests {
             two.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
         assert_eq!(one.1, two.1);
+    }
+
+    #[test]
+    fn top1_copy_and_spans_follow_the_definitions() {
+        // Row i puts 0.6 on key argmax[i] (rows 1.. only), the rest spread over j <= i.
+        let argmax = [0usize, 0, 0, 1, 2, 5];
+        let a = ndarray::Array2::from_shape_fn((6, 6), |(i, j)| {
+            let spread = if j <= i { 0.4 / (i + 1) as f64 } else { 0.0 };
+            spread + if j == argmax[i] { 0.6 } else { 0.0 }
+        })
+        .into_dyn();
+        let tokens = arr1(&[5i64, 1, 2, 5, 1, 2]).into_dyn();
+        let top1 = ScoreOptions { measure: TargetMeasure::Top1, ..Default::default() };
+        let run = |spans: Spans<'_>, kinds: &[Kind]| {
+            per_query_scores(a.view(), Some(tokens.view()), None, spans, kinds, top1).unwrap()
+        };
+        let q = run(Spans::default(), &[Kind::Copy, Kind::PreviousToken]);
+        let nan = f64::NAN;
+        let same = |got: Vec<f64>, want: [f64; 6]| {
+            assert!(got.iter().zip(want).all(|(g, w)| g == &w || (g.is_nan() && w.is_nan())), "{got:?} vs {want:?}");
+        };
+        // copy: T(2) = {0}, T(3) = {1}, T(4) = {2}; T(1) is empty, query 5 has no next token.
+        same(q.slice(ndarray::s![0, ..]).to_vec(), [nan, nan, 1.0, 1.0, 1.0, nan]);
+        // previous_token: a hit only where the argmax is i - 1 (row 1).
+        same(q.slice(ndarray::s![1, ..]).to_vec(), [nan, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        // Spans: queries 3.. only; key 1 outside (drops T(3) of copy, and row 2's previous token).
+        let queries = arr1(&[false, false, false, true, true, true]).into_dyn();
+        let keys = arr1(&[true, false, true, true, true, true]).into_dyn();
+        let spans = Spans { queries: Some(queries.view()), keys: Some(keys.view()) };
+        let q = run(spans, &[Kind::Copy, Kind::Bos]);
+        same(q.slice(ndarray::s![0, ..]).to_vec(), [nan, nan, nan, nan, 1.0, nan]);
+        // bos keeps key 0 whatever the key span says; the argmax of row 5 is key 5.
+        same(q.slice(ndarray::s![1, ..]).to_vec(), [nan, nan, nan, 0.0, 0.0, 0.0]);
+        assert!("top2".parse::<TargetMeasure>().unwrap_err().to_string().starts_with("measure:"));
     }
 
     #[test]

@@ -60,7 +60,9 @@ use heads::QkHeads;
 use softmax::{softmax_in_place, OnlineRow};
 
 use crate::error::{shape_str, Error, Result};
-use crate::scores::{score_block, BlockOut, BlockTargets, QueryPlan, QueryRows, Reduce, ScoreOptions};
+use crate::scores::{
+    score_block, BlockOut, BlockTargets, QueryPlan, QueryRows, Reduce, ScoreOptions, Spans, TargetMeasure,
+};
 use crate::stack::{unravel, Real};
 use crate::targets::Kind;
 use crate::threads;
@@ -217,7 +219,11 @@ pub fn attention_patterns<'a, T: QkElement>(
 /// Scores of the attention of q and k without forming the patterns: per-query values
 /// `[kinds.len(), *lead, n_heads, n]` (`Reduce::PerQuery`) or head scores
 /// `[kinds.len(), *lead, n_heads]` (`Reduce::Mean`), equal to `scores::per_query_scores` /
-/// `scores::head_scores` of `attention_patterns(q, k)`.
+/// `scores::head_scores` of `attention_patterns(q, k)`, `spans` included.
+///
+/// Under `TargetMeasure::Top1` a row's argmax is that of its logits s_ij over its allowed keys
+/// (lowest index on ties), found in the same tile pass: no exponential is taken unless a mass,
+/// the entropy or the lse is also wanted.
 ///
 /// For query i with allowed keys K(i) (see [`attention_patterns`], minus key 0 when
 /// `score.exclude_bos`): lse_i = log sum_{j in K(i)} exp(s_ij) online over key tiles, then
@@ -232,13 +238,14 @@ pub fn scores_from_qk<'a, T: QkElement>(
     k: ArrayViewD<'a, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
     mask: Option<ArrayViewD<'a, bool>>,
+    spans: Spans<'a>,
     kinds: &[Kind],
     options: AttentionOptions,
     score: ScoreOptions,
     reduce: Reduce,
 ) -> Result<ArrayD<f64>> {
     let lse = LseOptions::default();
-    Ok(scores_and_lse_from_qk(q, k, tokens, mask, kinds, options, score, reduce, lse)?.0)
+    Ok(scores_and_lse_from_qk(q, k, tokens, mask, spans, kinds, options, score, reduce, lse)?.0)
 }
 
 /// A log-sum-exp per query row, `[*lead, n_heads, n]`, of any float dtype and any strides.
@@ -301,6 +308,7 @@ pub fn scores_and_lse_from_qk<'a, T: QkElement>(
     k: ArrayViewD<'a, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
     mask: Option<ArrayViewD<'a, bool>>,
+    spans: Spans<'a>,
     kinds: &[Kind],
     options: AttentionOptions,
     score: ScoreOptions,
@@ -310,15 +318,26 @@ pub fn scores_and_lse_from_qk<'a, T: QkElement>(
     let heads = QkHeads::new(q, k, options.layout, mask.clone())?;
     let n = heads.n();
     let logits = Logits::<T::Compute>::new(&options, heads.d_head(), n)?;
-    let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, &heads.heads_lead(), n, "q", score)?;
+    let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, spans, &heads.heads_lead(), n, "q", score)?;
     if score.exclude_bos {
         refuse_lse_with_exclude_bos(&lse)?;
     }
     let given = lse.given.as_ref().map(|a| a.read(&heads)).transpose()?;
-    // Entropy needs every entry of its rows: they are computed, and then serve every kind.
+    // Entropy and top-1 need every logit of their rows: they are computed, and then serve
+    // every kind (a given lse is then not needed).
     let entropy = kinds.contains(&Kind::Entropy);
-    let score_plan =
-        ScorePlan { logits, first_key: usize::from(score.exclude_bos), entropy, given: given.filter(|_| !entropy) };
+    let top1 = score.measure == TargetMeasure::Top1 && kinds.iter().any(|&k| k != Kind::Entropy);
+    let whole_rows = entropy || top1;
+    // Top-1 alone needs no normaliser: no exponential at all.
+    let normalise = entropy || !top1 || (lse.return_lse && lse.given.is_none());
+    let score_plan = ScorePlan {
+        logits,
+        first_key: usize::from(score.exclude_bos),
+        entropy,
+        top1,
+        normalise,
+        given: given.filter(|_| !whole_rows),
+    };
     let mut shape = heads.heads_lead();
     shape.push(n);
     let mut own = (lse.return_lse && lse.given.is_none()).then(|| vec![f64::NAN; shape.iter().product()]);
@@ -480,6 +499,10 @@ struct ScorePlan<C> {
     /// 1 with exclude_bos: key 0 leaves the softmax, which renormalises the rest exactly.
     first_key: usize,
     entropy: bool,
+    /// Find each row's argmax logit (`TargetMeasure::Top1`).
+    top1: bool,
+    /// Accumulate each row's softmax statistics online (false: top-1 only, no exponential).
+    normalise: bool,
     /// Each row's given log-sum-exp, `[heads, n]` flat (-inf where not read), when it is used:
     /// then the rows' normalisers come from it instead of the online pass.
     given: Option<Vec<f64>>,
@@ -498,17 +521,18 @@ fn score_tile<C: Compute>(
     let (q, k, mask) = (heads.query(h), heads.key(h), heads.key_mask(h));
     let (q, k) = (q.view(), k.view());
     // One normaliser per row, from the given lse or from the online pass over key tiles.
-    let online = match &plan.given {
+    let (online, argmax) = match &plan.given {
         Some(lse) => {
             let n = heads.n();
-            lse[h * n + rows.start..h * n + rows.end].iter().map(|&v| OnlineRow::from_lse(v)).collect()
+            (lse[h * n + rows.start..h * n + rows.end].iter().map(|&v| OnlineRow::from_lse(v)).collect(), Vec::new())
         }
         None => {
-            let online = online_rows(&q, &k, mask.as_ref(), rows.clone(), plan, tile);
-            if let Some(r) = online.iter().position(|row| !row.is_valid()) {
+            let (online, argmax) = online_rows(&q, &k, mask.as_ref(), rows.clone(), plan, tile);
+            let bad = |r: usize| !online[r].is_valid() || argmax.get(r).is_some_and(|a| !a.is_valid());
+            if let Some(r) = (0..rows.len()).find(|&r| bad(r)) {
                 return Err(overflow(heads, h, rows.start + r));
             }
-            online
+            (online, argmax)
         }
     };
     if let Some(lse) = out.rows.as_deref_mut() {
@@ -523,12 +547,14 @@ fn score_tile<C: Compute>(
         logits: plan.logits,
         start: rows.start,
         online,
+        argmax,
         given: plan.given.is_some(),
     };
     score_block(&block, rows, targets, &mut out.kinds)
 }
 
-/// The online softmax statistics of each row in `rows`, over its allowed keys, tile by tile;
+/// The online softmax statistics (when `plan.normalise`) and the argmax logit (when
+/// `plan.top1`, else an empty list) of each row in `rows`, over its allowed keys, tile by tile;
 /// tiles start at the first key any row of the block may attend to.
 fn online_rows<C: Compute>(
     q: &ArrayView2<'_, C>,
@@ -537,8 +563,9 @@ fn online_rows<C: Compute>(
     rows: Range<usize>,
     plan: &ScorePlan<C>,
     tile: &mut [C],
-) -> Vec<OnlineRow> {
+) -> (Vec<OnlineRow>, Vec<ArgMax>) {
     let mut online = vec![OnlineRow::EMPTY; rows.len()];
+    let mut argmax = if plan.top1 { vec![ArgMax::EMPTY; rows.len()] } else { Vec::new() };
     let logits = &plan.logits;
     let n = k.nrows();
     let key_start = logits.first_key(rows.start).max(plan.first_key);
@@ -558,10 +585,43 @@ fn online_rows<C: Compute>(
             if let Some(m) = mask {
                 mask_keys(s, m, lo);
             }
-            online[r].add(s, plan.entropy);
+            if plan.normalise {
+                online[r].add(s, plan.entropy);
+            }
+            if let Some(best) = argmax.get_mut(r) {
+                best.add(s, lo);
+            }
         }
     }
-    online
+    (online, argmax)
+}
+
+/// The running argmax of one row's logits over key tiles, ties to the lowest index.
+#[derive(Debug, Clone, Copy)]
+struct ArgMax {
+    logit: f64,
+    key: Option<usize>,
+    /// A logit was NaN or +inf (an overflow in q·k).
+    overflowed: bool,
+}
+
+impl ArgMax {
+    const EMPTY: ArgMax = ArgMax { logit: f64::NEG_INFINITY, key: None, overflowed: false };
+
+    /// Adds the logits `s` of keys `first..` (masked keys are -inf and never win).
+    fn add<C: Compute>(&mut self, s: &[C], first: usize) {
+        let m = C::max(s); // ignores NaN: checked below
+        self.overflowed |= s.iter().fold(false, |nan, v| nan | v.widen().is_nan()) || m.widen() == f64::INFINITY;
+        // Strictly greater than the earlier tiles' best: ties go to the lowest index.
+        if m.widen() > self.logit {
+            let at = s.iter().position(|&v| v == m).expect("the max is an element");
+            (self.logit, self.key) = (m.widen(), Some(first + at));
+        }
+    }
+
+    fn is_valid(&self) -> bool {
+        !self.overflowed
+    }
 }
 
 /// A block of rows of the never-stored pattern: A[i, j] = exp(s_ij - lse_i) for allowed keys.
@@ -573,8 +633,11 @@ struct FusedRows<'v, 'h, C: Compute> {
     mask: Option<&'v ArrayView1<'v, bool>>,
     logits: Logits<C>,
     start: usize,
-    /// Softmax statistics of rows start.. (all valid): online, or from the given lse.
+    /// Softmax statistics of rows start.. (all valid): online, or from the given lse; EMPTY
+    /// when not needed (top-1 alone).
     online: Vec<OnlineRow>,
+    /// The argmax of rows start.. under top-1, else empty.
+    argmax: Vec<ArgMax>,
     /// The statistics come from a given lse.
     given: bool,
 }
@@ -599,6 +662,11 @@ impl<C: Compute> QueryRows for FusedRows<'_, '_, C> {
 
     fn entropy(&self, i: usize, _first_key: usize) -> Result<f64> {
         Ok(self.online[i - self.start].entropy())
+    }
+
+    /// Found by the tile pass, over the allowed keys (exclude_bos, window and padding applied).
+    fn argmax(&self, i: usize, _first_key: usize, _real: impl Fn(usize) -> bool) -> Result<Option<usize>> {
+        Ok(self.argmax[i - self.start].key)
     }
 
     /// Online rows were checked valid, so only a given lse gets here: a target logit that
@@ -658,7 +726,17 @@ mod tests {
         reduce: Reduce,
     ) -> Result<ArrayD<f64>> {
         let k = k.unwrap_or(q);
-        scores_from_qk(q.view(), k.view(), tokens.map(|t| t.view()), mask.map(|m| m.view()), kinds, opts, score, reduce)
+        scores_from_qk(
+            q.view(),
+            k.view(),
+            tokens.map(|t| t.view()),
+            mask.map(|m| m.view()),
+            Spans::default(),
+            kinds,
+            opts,
+            score,
+            reduce,
+        )
     }
 
     /// Same NaNs, and within `tol` elsewhere.
@@ -788,10 +866,12 @@ mod tests {
         }
         let (got, means) = (run(Reduce::PerQuery), run(Reduce::Mean));
         for p in &stored {
-            let want = per_query_scores(p.view(), Some(tokens.view()), m.clone(), &KINDS, score).unwrap();
+            let want =
+                per_query_scores(p.view(), Some(tokens.view()), m.clone(), Spans::default(), &KINDS, score).unwrap();
             assert_close(&got, &want, 1e-5, &context);
         }
-        let want = head_scores(stored[0].view(), Some(tokens.view()), m.clone(), &KINDS, score).unwrap();
+        let want =
+            head_scores(stored[0].view(), Some(tokens.view()), m.clone(), Spans::default(), &KINDS, score).unwrap();
         assert_close(&means, &want, 1e-5, &context);
         // Padding queries are never scored.
         if let Some(m) = mask {
@@ -810,7 +890,15 @@ mod tests {
             // Against f64 patterns (the truth) and f32 ones (what a user would compare with),
             // except under exclude_bos: 1 - A[i, 0] in f32 loses all digits when A[i, 0] ~ 1,
             // while the fused kernel renormalises exactly by leaving key 0 out of the softmax.
-            assert_fused_equals_stored(&q, &k, &tokens, None, opts, ScoreOptions { exclude_bos }, !exclude_bos);
+            assert_fused_equals_stored(
+                &q,
+                &k,
+                &tokens,
+                None,
+                opts,
+                ScoreOptions { exclude_bos, ..Default::default() },
+                !exclude_bos,
+            );
         }
     }
 
@@ -833,7 +921,15 @@ mod tests {
         ];
         for (softcap, window, mask, exclude_bos) in cases {
             let opts = AttentionOptions { softcap, window, ..Default::default() };
-            assert_fused_equals_stored(&q, &k, &tokens, mask, opts, ScoreOptions { exclude_bos }, false);
+            assert_fused_equals_stored(
+                &q,
+                &k,
+                &tokens,
+                mask,
+                opts,
+                ScoreOptions { exclude_bos, ..Default::default() },
+                false,
+            );
         }
         // A wide window is no window, bit for bit.
         let s = |window| {
@@ -936,7 +1032,7 @@ mod tests {
         let fused_err = |q: &ArrayD<f32>, tokens: Option<&ArrayD<i64>>, mask, kinds: &[Kind], opts, score| {
             fused(q, None, tokens, mask, kinds, opts, score, Reduce::PerQuery).unwrap_err().to_string()
         };
-        let (plain, no_bos) = (ScoreOptions::default(), ScoreOptions { exclude_bos: true });
+        let (plain, no_bos) = (ScoreOptions::default(), ScoreOptions { exclude_bos: true, ..Default::default() });
         let e = patterns_err(&q, AttentionOptions { scale: Some(f64::NAN), ..Default::default() });
         assert!(e.starts_with("scale:"), "{e}");
         assert!(patterns_err(&q, AttentionOptions { scale: Some(1e300), ..Default::default() }).starts_with("scale:"));
@@ -981,7 +1077,18 @@ mod tests {
         lse: LseOptions<'_>,
     ) -> Result<(ArrayD<f64>, Option<ArrayD<f64>>)> {
         let (m, t) = (mask.map(|m| m.view()), Some(tokens.view()));
-        scores_and_lse_from_qk(q.view(), k.view(), t, m, kinds, opts, ScoreOptions::default(), Reduce::PerQuery, lse)
+        scores_and_lse_from_qk(
+            q.view(),
+            k.view(),
+            t,
+            m,
+            Spans::default(),
+            kinds,
+            opts,
+            ScoreOptions::default(),
+            Reduce::PerQuery,
+            lse,
+        )
     }
 
     fn bits(a: &ArrayD<f64>) -> Vec<u64> {
@@ -1095,12 +1202,22 @@ mod tests {
         let e = err(&lse - 800.0, &kinds).unwrap_err();
         assert!(e.starts_with("lse: ") && e.contains("overflow"), "{e}");
         // exclude_bos leaves key 0 out; an lse includes it: refused, given or returned.
-        let no_bos = ScoreOptions { exclude_bos: true };
+        let no_bos = ScoreOptions { exclude_bos: true, ..Default::default() };
         let opts = AttentionOptions::default();
         for (lse, arg) in [(given(&lse), "lse"), (LseOptions { given: None, return_lse: true }, "return_lse")] {
-            let e =
-                scores_and_lse_from_qk(q.view(), k.view(), None, None, &kinds[..1], opts, no_bos, Reduce::Mean, lse)
-                    .unwrap_err();
+            let e = scores_and_lse_from_qk(
+                q.view(),
+                k.view(),
+                None,
+                None,
+                Spans::default(),
+                &kinds[..1],
+                opts,
+                no_bos,
+                Reduce::Mean,
+                lse,
+            )
+            .unwrap_err();
             assert!(e.arg == arg && e.to_string().contains("exclude_bos=True"), "{e}");
         }
         // f16 lse is read too.

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 
 use crate::attention::{self, AttentionOptions, Layout, LseArray, LseOptions};
-use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions};
+use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions, Spans, TargetMeasure};
 use crate::targets::Kind;
 use crate::{losses, threads, Error};
 
@@ -127,9 +127,21 @@ fn parse_kinds(kinds: &[String]) -> PyResult<Vec<Kind>> {
     kinds.iter().map(|k| k.parse::<Kind>().map_err(value_error)).collect()
 }
 
+fn score_options(exclude_bos: bool, measure: &str) -> PyResult<ScoreOptions> {
+    let measure: TargetMeasure = measure.parse().map_err(value_error)?;
+    Ok(ScoreOptions { exclude_bos, measure })
+}
+
+type Flags<'py> = Option<PyReadonlyArrayDyn<'py, bool>>;
+
+fn spans<'a>(queries: &'a Flags<'_>, keys: &'a Flags<'_>) -> Spans<'a> {
+    Spans { queries: queries.as_ref().map(|m| m.as_array()), keys: keys.as_ref().map(|m| m.as_array()) }
+}
+
 /// Scores per query `[kinds, *lead, n]`, or their means `[kinds, *lead]` when `per_query` is false.
 #[pyfunction]
-#[pyo3(signature = (patterns, tokens, kinds, exclude_bos, per_query, attention_mask))]
+#[pyo3(signature = (patterns, tokens, kinds, exclude_bos, per_query, attention_mask, measure = "mass", queries = None, keys = None))]
+#[allow(clippy::too_many_arguments)]
 fn head_scores<'py>(
     py: Python<'py>,
     patterns: FloatArray<'py>,
@@ -137,15 +149,19 @@ fn head_scores<'py>(
     kinds: Vec<String>,
     exclude_bos: bool,
     per_query: bool,
-    attention_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    attention_mask: Flags<'py>,
+    measure: &str,
+    queries: Flags<'py>,
+    keys: Flags<'py>,
 ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
     let kinds = parse_kinds(&kinds)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let mask = attention_mask.as_ref().map(|m| m.as_array());
-    let options = ScoreOptions { exclude_bos };
+    let options = score_options(exclude_bos, measure)?;
+    let spans = spans(&queries, &keys);
     let result = with_view!(&patterns, |view| py.detach(|| match reduce(per_query) {
-        Reduce::PerQuery => scores::per_query_scores(view, tokens, mask, &kinds, options),
-        Reduce::Mean => scores::head_scores(view, tokens, mask, &kinds, options),
+        Reduce::PerQuery => scores::per_query_scores(view, tokens, mask, spans.clone(), &kinds, options),
+        Reduce::Mean => scores::head_scores(view, tokens, mask, spans.clone(), &kinds, options),
     }))
     .map_err(value_error)?;
     Ok(result.into_pyarray(py))
@@ -225,7 +241,7 @@ fn attention_patterns<'py>(
 #[pyfunction]
 #[pyo3(signature = (
     q, k, tokens, kinds, scale, causal, attention_mask, layout, exclude_bos, per_query, softcap, window,
-    lse = None, return_lse = false
+    lse = None, return_lse = false, measure = "mass", queries = None, keys = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn scores_from_qk<'py>(
@@ -244,12 +260,16 @@ fn scores_from_qk<'py>(
     window: Option<usize>,
     lse: Option<FloatArray<'py>>,
     return_lse: bool,
+    measure: &str,
+    queries: Flags<'py>,
+    keys: Flags<'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let kinds = parse_kinds(&kinds)?;
     let options = attention_options(scale, causal, softcap, window, layout)?;
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let mask = attention_mask.as_ref().map(|m| m.as_array());
-    let score = ScoreOptions { exclude_bos };
+    let score = score_options(exclude_bos, measure)?;
+    let spans = spans(&queries, &keys);
     let given = lse.as_ref().map(|a| match a {
         FloatArray::F64(a) => LseArray::F64(a.as_array()),
         FloatArray::F32(a) => LseArray::F32(a.as_array()),
@@ -259,7 +279,18 @@ fn scores_from_qk<'py>(
     let lse = LseOptions { given, return_lse };
     let (scores, lse) = with_qk_views!(&q, &k, |qv, kv| {
         py.detach(|| {
-            attention::scores_and_lse_from_qk(qv, kv, tokens, mask, &kinds, options, score, reduce(per_query), lse)
+            attention::scores_and_lse_from_qk(
+                qv,
+                kv,
+                tokens,
+                mask,
+                spans,
+                &kinds,
+                options,
+                score,
+                reduce(per_query),
+                lse,
+            )
         })
         .map_err(value_error)
     })?;

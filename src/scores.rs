@@ -32,6 +32,43 @@ pub struct ScoreOptions {
     /// Renormalise each row without key 0: A'[i, j] = A[i, j] / (1 - A[i, 0]) for j >= 1.
     /// A row with no mass outside key 0 renormalises to all zeros.
     pub exclude_bos: bool,
+    /// What a target kind measures of a row (entropy is always the entropy).
+    pub measure: TargetMeasure,
+}
+
+/// What the value of a query is for a kind with target set T(i) (DESIGN.md section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetMeasure {
+    /// The attention mass on T(i): sum_{j in T(i)} A'[i, j].
+    #[default]
+    Mass,
+    /// 1 where the row's argmax key is in T(i), else 0. The argmax ranges over every key the
+    /// query may attend to (keys >= 1 under exclude_bos, no padding; a span on keys does not
+    /// narrow it) and ties go to the lowest index. A stored row with no positive entry there
+    /// (all of its mass on a dropped BOS) has no argmax: 0.
+    Top1,
+}
+
+impl std::str::FromStr for TargetMeasure {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<TargetMeasure> {
+        match s {
+            "mass" => Ok(TargetMeasure::Mass),
+            "top1" => Ok(TargetMeasure::Top1),
+            _ => Err(Error::invalid("measure", "\"mass\" or \"top1\"", format!("{s:?}"))),
+        }
+    }
+}
+
+/// Which queries are scored and which keys count as targets (DESIGN.md section 12), each `[n]`
+/// or `[lead[0], n]` like tokens (true = inside). Queries outside are not eligible for any kind;
+/// keys outside are dropped from every T(i) but the whole-row kinds' (`bos`, `entropy`). Spans
+/// only select what is scored: every row's softmax and argmax still range over all its keys.
+#[derive(Debug, Clone, Default)]
+pub struct Spans<'a> {
+    pub queries: Option<ArrayViewD<'a, bool>>,
+    pub keys: Option<ArrayViewD<'a, bool>>,
 }
 
 /// What the per-query kernels return.
@@ -47,39 +84,43 @@ pub enum Reduce {
 ///
 /// `tokens` is `[n]` (shared by every head) or `[lead[0], n]` (one row per batch element); it is
 /// needed only by the token kinds. `mask` (same shapes, false = padding) makes padding
-/// positions neither queries nor targets. Non-finite pattern entries that a kind reads are errors.
-pub fn per_query_scores<T: Real>(
+/// positions neither queries nor targets; `spans` narrow the queries and targets further.
+/// Non-finite pattern entries that a kind reads are errors.
+pub fn per_query_scores<'m, T: Real>(
     patterns: ArrayViewD<'_, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
-    mask: Option<ArrayViewD<'_, bool>>,
+    mask: Option<ArrayViewD<'m, bool>>,
+    spans: Spans<'m>,
     kinds: &[Kind],
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
-    stored_scores(patterns, tokens, mask, kinds, options, Reduce::PerQuery)
+    stored_scores(patterns, tokens, mask, spans, kinds, options, Reduce::PerQuery)
 }
 
 /// Head scores, shape `[kinds.len(), *lead]`: the mean over eligible queries of the per-query
 /// scores (NaN where none is eligible), without materialising the per-query values.
-pub fn head_scores<T: Real>(
+pub fn head_scores<'m, T: Real>(
     patterns: ArrayViewD<'_, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
-    mask: Option<ArrayViewD<'_, bool>>,
+    mask: Option<ArrayViewD<'m, bool>>,
+    spans: Spans<'m>,
     kinds: &[Kind],
     options: ScoreOptions,
 ) -> Result<ArrayD<f64>> {
-    stored_scores(patterns, tokens, mask, kinds, options, Reduce::Mean)
+    stored_scores(patterns, tokens, mask, spans, kinds, options, Reduce::Mean)
 }
 
-fn stored_scores<T: Real>(
+fn stored_scores<'m, T: Real>(
     patterns: ArrayViewD<'_, T>,
     tokens: Option<ArrayViewD<'_, i64>>,
-    mask: Option<ArrayViewD<'_, bool>>,
+    mask: Option<ArrayViewD<'m, bool>>,
+    spans: Spans<'m>,
     kinds: &[Kind],
     options: ScoreOptions,
     reduce: Reduce,
 ) -> Result<ArrayD<f64>> {
     let stack = MatrixStack::new("patterns", patterns)?;
-    let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, stack.lead(), stack.n(), "the patterns", options)?;
+    let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, spans, stack.lead(), stack.n(), "the patterns", options)?;
     plan.run(
         BLOCK_ROWS,
         reduce,
@@ -113,7 +154,10 @@ pub(crate) struct QueryPlan<'k, 'm> {
     group_of: Vec<usize>,
     chains: Vec<TokenChain>,
     mask: Option<PositionMask<'m>>,
+    queries: Option<PositionMask<'m>>,
+    keys: Option<PositionMask<'m>>,
     first_key: usize,
+    top1: bool,
 }
 
 /// What one block of rows of one head is scored against: the target set of each kind (None for
@@ -122,18 +166,26 @@ pub(crate) struct BlockTargets<'p> {
     kinds: Vec<Option<Targets<'p>>>,
     /// Which positions are real tokens (None: all). Padding is neither a query nor a target.
     valid: Option<ArrayView1<'p, bool>>,
+    /// The query span (None: every query).
+    queries: Option<ArrayView1<'p, bool>>,
+    /// The key span (None: every key); not applied to `bos`.
+    keys: Option<ArrayView1<'p, bool>>,
     /// 1 under exclude_bos (key 0 is no target), else 0.
     first_key: usize,
+    /// `TargetMeasure::Top1`: a target kind's value is whether the row's argmax is a target.
+    top1: bool,
 }
 
 impl<'k, 'm> QueryPlan<'k, 'm> {
     /// Checks offsets against n, tokens and `mask` against `lead` and n (`source` names where
     /// those come from in errors), and that exclude_bos meets no prompt whose position 0 is
     /// padding. Tokens that no kind reads are still checked, so a mismatch never passes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         kinds: &'k [Kind],
         tokens: Option<&ArrayViewD<'_, i64>>,
         mask: Option<ArrayViewD<'m, bool>>,
+        spans: Spans<'m>,
         lead: &[usize],
         n: usize,
         source: &str,
@@ -167,8 +219,11 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
                 ),
             ));
         }
+        let queries = spans.queries.map(|m| PositionMask::named("queries", m, lead, n)).transpose()?;
+        let keys = spans.keys.map(|m| PositionMask::named("keys", m, lead, n)).transpose()?;
         let first_key = usize::from(options.exclude_bos);
-        Ok(QueryPlan { kinds, lead: lead.to_vec(), n, group_of, chains, mask, first_key })
+        let top1 = options.measure == TargetMeasure::Top1;
+        Ok(QueryPlan { kinds, lead: lead.to_vec(), n, group_of, chains, mask, queries, keys, first_key, top1 })
     }
 
     /// Scores every block of `block_rows` rows of every head in parallel with
@@ -208,9 +263,17 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
                     let targets = BlockTargets {
                         kinds: self.kinds.iter().map(|&k| Targets::of_kind(k, chain)).collect(),
                         valid: self.mask.as_ref().map(|m| m.row(*h)),
+                        queries: self.queries.as_ref().map(|m| m.row(*h)),
+                        keys: self.keys.as_ref().map(|m| m.row(*h)),
                         first_key: self.first_key,
+                        top1: self.top1,
                     };
                     let mut out = BlockOut { kinds, rows: row_out.pop() };
+                    // A block with no query to score (outside the query span, padding) costs
+                    // nothing, unless its per-row values are wanted.
+                    if out.rows.is_none() && !targets.any_query(rows.clone()) {
+                        return Ok(vec![(0.0, 0); n_kinds]);
+                    }
                     score(scratch, *h, rows.clone(), &targets, &mut out)
                 })
                 .collect::<Result<_>>()
@@ -225,6 +288,15 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
             None => means(&blocks, &partials, n_kinds, n_heads)?,
         };
         Ok(ArrayD::from_shape_vec(IxDyn(&shape), flat).expect("output length matches its shape"))
+    }
+}
+
+impl BlockTargets<'_> {
+    /// Whether some row of `rows` is a query that may be scored: i >= 1, a real token, inside
+    /// the query span.
+    fn any_query(&self, rows: Range<usize>) -> bool {
+        let scored = |i: usize| self.valid.as_ref().is_none_or(|v| v[i]) && self.queries.as_ref().is_none_or(|q| q[i]);
+        (rows.start.max(1)..rows.end).any(scored)
     }
 }
 
@@ -337,6 +409,9 @@ pub(crate) trait QueryRows {
     fn scale(&self, i: usize) -> f64;
     /// -sum p log p over the renormalised row i, keys j >= first_key (0 log 0 = 0).
     fn entropy(&self, i: usize, first_key: usize) -> Result<f64>;
+    /// The lowest-index key j >= first_key with `real(j)` holding row i's largest entry, None
+    /// where the row has no positive entry there (see [`TargetMeasure::Top1`]).
+    fn argmax(&self, i: usize, first_key: usize, real: impl Fn(usize) -> bool) -> Result<Option<usize>>;
     /// The error for row i whose mass over target `columns` came out NaN or infinite (no columns:
     /// a sum over rows from i overflowed).
     fn non_finite(&self, i: usize, columns: &[usize]) -> Error;
@@ -344,40 +419,57 @@ pub(crate) trait QueryRows {
 
 /// Scores rows `rows` (at most BLOCK_ROWS): writes per-query values into `out` (one slice per
 /// kind, when given) and returns each kind's (sum, count) over eligible rows: i >= 1, i a real
-/// token and a target j in T(i) with j >= first_key and j a real token (entropy: every real row
-/// i >= 1).
+/// token inside the query span, and a target j in T(i) with j >= first_key, j a real token and
+/// (but for `bos`) inside the key span (entropy: every real row i >= 1 in the query span).
 pub(crate) fn score_block(
     block: &impl QueryRows,
     rows: Range<usize>,
     targets: &BlockTargets,
     out: &mut [&mut [f64]],
 ) -> Result<Partial> {
-    // One monomorphised copy per case, so unpadded input pays nothing for the padding checks.
-    match &targets.valid {
-        None => score_rows(block, rows, &targets.kinds, targets.first_key, |_| true, out),
-        Some(valid) => score_rows(block, rows, &targets.kinds, targets.first_key, |j| valid[j], out),
+    // One monomorphised copy per case, so unpadded, unspanned input pays nothing for the checks.
+    match (&targets.valid, &targets.queries, &targets.keys) {
+        (None, None, None) => score_rows(block, rows, targets, |_| true, |_| true, |_| true, out),
+        (valid, queries, keys) => {
+            let real = |j: usize| valid.as_ref().is_none_or(|v| v[j]);
+            let query = |i: usize| real(i) && queries.as_ref().is_none_or(|q| q[i]);
+            let key = |j: usize| real(j) && keys.as_ref().is_none_or(|k| k[j]);
+            score_rows(block, rows, targets, real, query, key, out)
+        }
     }
 }
 
+/// No argmax (a row not scored, or with no positive entry).
+const NO_KEY: usize = usize::MAX;
+
+#[allow(clippy::too_many_arguments)]
 fn score_rows(
     block: &impl QueryRows,
     rows: Range<usize>,
-    targets: &[Option<Targets>],
-    first_key: usize,
-    valid: impl Fn(usize) -> bool + Copy,
+    targets: &BlockTargets,
+    real: impl Fn(usize) -> bool + Copy,
+    query: impl Fn(usize) -> bool + Copy,
+    key: impl Fn(usize) -> bool + Copy,
     out: &mut [&mut [f64]],
 ) -> Result<Partial> {
-    let (start, len) = (rows.start, rows.len());
+    let (start, len, first_key) = (rows.start, rows.len(), targets.first_key);
     let eligible = rows.start.max(1)..rows.end; // query 0 is never eligible
-    let mut partial = Vec::with_capacity(targets.len());
-    // Per-row target mass and target count of the current kind.
+    let mut partial = Vec::with_capacity(targets.kinds.len());
+    // Per-row target mass (or top-1 hit) and target count of the current kind.
     let mut mass = [0.0f64; BLOCK_ROWS];
     let mut hits = [0u32; BLOCK_ROWS];
-    for (k, t) in targets.iter().enumerate() {
+    // Top-1: each scored row's argmax, computed once for every kind.
+    let mut best = [NO_KEY; BLOCK_ROWS];
+    if targets.top1 && targets.kinds.iter().any(Option::is_some) {
+        for i in eligible.clone().filter(|&i| query(i)) {
+            best[i - start] = block.argmax(i, first_key, real)?.unwrap_or(NO_KEY);
+        }
+    }
+    for (k, t) in targets.kinds.iter().enumerate() {
         let mut out_k = out.get_mut(k).map(|o| &mut **o);
         let (mut sum, mut count) = (0.0, 0usize);
         let Some(t) = t else {
-            for i in eligible.clone().filter(|&i| valid(i)) {
+            for i in eligible.clone().filter(|&i| query(i)) {
                 let value = block.entropy(i, first_key)?;
                 sum += value;
                 count += 1;
@@ -390,22 +482,38 @@ fn score_rows(
         };
         mass[..len].fill(0.0);
         hits[..len].fill(0);
-        t.for_each_in_rows(
-            rows.clone(),
-            |i, j| block.prefetch(i, j),
-            |i, j, w| {
-                if j >= first_key && valid(j) {
-                    mass[i - start] += w * block.entry(i, j);
-                    hits[i - start] += 1;
-                }
-            },
-        );
-        (sum, count) = collect_masses(block, eligible.clone(), start, &mass, &hits, valid, out_k);
+        // The key span narrows target sets, not the whole-row bos.
+        let target = |j: usize| j >= first_key && if matches!(t, Targets::Bos) { real(j) } else { key(j) };
+        if targets.top1 {
+            t.for_each_in_rows(
+                rows.clone(),
+                |_, _| {},
+                |i, j, _| {
+                    if target(j) {
+                        mass[i - start] = if j == best[i - start] { 1.0 } else { mass[i - start] };
+                        hits[i - start] += 1;
+                    }
+                },
+            );
+        } else {
+            t.for_each_in_rows(
+                rows.clone(),
+                |i, j| block.prefetch(i, j),
+                |i, j, w| {
+                    if target(j) {
+                        mass[i - start] += w * block.entry(i, j);
+                        hits[i - start] += 1;
+                    }
+                },
+            );
+        }
+        let scaled = !targets.top1;
+        (sum, count) = collect_masses(block, eligible.clone(), start, &mass, &hits, query, scaled, out_k);
         // A non-finite entry makes its row's mass, and so the sum, non-finite: look for it
         // only then, so the loops above need no per-entry check.
         if !sum.is_finite() {
             // A row whose own mass is not finite, else the sum over rows overflowed (no columns).
-            let (i, columns) = match eligible.clone().find(|&i| valid(i) && !mass[i - start].is_finite()) {
+            let (i, columns) = match eligible.clone().find(|&i| query(i) && !mass[i - start].is_finite()) {
                 Some(i) => {
                     let mut columns = Vec::new();
                     t.for_each(i, |j, _| columns.push(j));
@@ -420,23 +528,26 @@ fn score_rows(
     Ok(partial)
 }
 
-/// Sum and count of the scaled masses of the real rows with a target, written to `out` when
-/// given. A function of its own so the running sum stays in a register.
+/// Sum and count of the masses (scaled by the exclude_bos factor when `scaled`) of the scored
+/// rows with a target, written to `out` when given. A function of its own so the running sum
+/// stays in a register.
 #[inline(never)]
+#[allow(clippy::too_many_arguments)]
 fn collect_masses(
     block: &impl QueryRows,
     eligible: Range<usize>,
     start: usize,
     mass: &[f64; BLOCK_ROWS],
     hits: &[u32; BLOCK_ROWS],
-    valid: impl Fn(usize) -> bool,
+    query: impl Fn(usize) -> bool,
+    scaled: bool,
     mut out: Option<&mut [f64]>,
 ) -> (f64, usize) {
     let (mut sum, mut count) = (0.0, 0usize);
     for i in eligible {
         let r = i - start;
-        if hits[r] > 0 && valid(i) {
-            let value = mass[r] * block.scale(i);
+        if hits[r] > 0 && query(i) {
+            let value = if scaled { mass[r] * block.scale(i) } else { mass[r] };
             sum += value;
             count += 1;
             if let Some(o) = out.as_deref_mut() {
@@ -517,6 +628,21 @@ impl<T: Real> QueryRows for StoredRows<'_, '_, T> {
         Ok(entropy)
     }
 
+    fn argmax(&self, i: usize, first_key: usize, real: impl Fn(usize) -> bool) -> Result<Option<usize>> {
+        let (mut best, mut at) = (0.0f64, None);
+        for (j, v) in self.a.row(i).enumerate().skip(first_key) {
+            let v = v.to_f64();
+            if !v.is_finite() {
+                return Err(non_finite(self.stack, self.h, i, j, v));
+            }
+            // Strictly greater: ties go to the lowest index; zeros never win.
+            if v > best && real(j) {
+                (best, at) = (v, Some(j));
+            }
+        }
+        Ok(at)
+    }
+
     fn non_finite(&self, i: usize, columns: &[usize]) -> Error {
         first_non_finite(self.stack, &self.a, self.h, i, columns.iter().copied())
     }
@@ -583,6 +709,7 @@ pub fn detection_scores<T: Real>(
                 &kinds,
                 tokens.as_ref(),
                 None,
+                Spans::default(),
                 stack.lead(),
                 n,
                 "the patterns",
@@ -715,7 +842,9 @@ mod tests {
         let a = uniform(4);
         let tokens = arr1(&[7i64, 5, 7, 5]).into_dyn();
         let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Induction];
-        let q = per_query_scores(a.view(), Some(tokens.view()), None, &kinds, ScoreOptions::default()).unwrap();
+        let q =
+            per_query_scores(a.view(), Some(tokens.view()), None, Spans::default(), &kinds, ScoreOptions::default())
+                .unwrap();
         assert_eq!(q.shape(), &[3, 4]);
         let row = |k: usize| q.index_axis(ndarray::Axis(0), k).iter().copied().collect::<Vec<f64>>();
         let nan = f64::NAN;
@@ -723,7 +852,8 @@ mod tests {
         assert!(same(row(0), [nan, 0.5, 1.0 / 3.0, 0.25]));
         assert!(same(row(1), [nan, nan, 1.0 / 3.0, 0.25]));
         assert!(same(row(2), [nan, nan, 1.0 / 3.0, 0.25]));
-        let means = head_scores(a.view(), Some(tokens.view()), None, &kinds, ScoreOptions::default()).unwrap();
+        let means = head_scores(a.view(), Some(tokens.view()), None, Spans::default(), &kinds, ScoreOptions::default())
+            .unwrap();
         assert!((means[[0]] - (0.5 + 1.0 / 3.0 + 0.25) / 3.0).abs() < 1e-15);
         assert!((means[[1]] - (1.0 / 3.0 + 0.25) / 2.0).abs() < 1e-15);
     }
@@ -731,8 +861,16 @@ mod tests {
     #[test]
     fn exclude_bos_renormalises_rows_and_drops_key_zero() {
         let a = arr2(&[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.25, 0.25]]).into_dyn();
-        let options = ScoreOptions { exclude_bos: true };
-        let s = head_scores(a.view(), None, None, &[Kind::PreviousToken, Kind::Bos, Kind::SelfToken], options).unwrap();
+        let options = ScoreOptions { exclude_bos: true, ..Default::default() };
+        let s = head_scores(
+            a.view(),
+            None,
+            None,
+            Spans::default(),
+            &[Kind::PreviousToken, Kind::Bos, Kind::SelfToken],
+            options,
+        )
+        .unwrap();
         // previous_token: row 1's target is key 0 (dropped); row 2: 0.25 / 0.5.
         assert_eq!(s[[0]], 0.5);
         assert!(s[[1]].is_nan());
@@ -742,16 +880,22 @@ mod tests {
     #[test]
     fn missing_tokens_and_bad_offsets_are_named_errors() {
         let a = uniform(3);
-        let err = head_scores(a.view(), None, None, &[Kind::Induction], ScoreOptions::default()).unwrap_err();
+        let err = head_scores(a.view(), None, None, Spans::default(), &[Kind::Induction], ScoreOptions::default())
+            .unwrap_err();
         assert_eq!(err.arg, "tokens");
-        let err = head_scores(a.view(), None, None, &[Kind::Offset(3)], ScoreOptions::default()).unwrap_err();
+        let err = head_scores(a.view(), None, None, Spans::default(), &[Kind::Offset(3)], ScoreOptions::default())
+            .unwrap_err();
         assert_eq!(err.arg, "offset");
         let short = arr1(&[1i64, 2]).into_dyn();
-        let err = head_scores(a.view(), Some(short.view()), None, &[Kind::Bos], ScoreOptions::default()).unwrap_err();
+        let err =
+            head_scores(a.view(), Some(short.view()), None, Spans::default(), &[Kind::Bos], ScoreOptions::default())
+                .unwrap_err();
         assert_eq!(err.arg, "tokens");
         let mut bad = uniform(3);
         bad[[2, 1]] = f64::NAN;
-        let err = head_scores(bad.view(), None, None, &[Kind::PreviousToken], ScoreOptions::default()).unwrap_err();
+        let err =
+            head_scores(bad.view(), None, None, Spans::default(), &[Kind::PreviousToken], ScoreOptions::default())
+                .unwrap_err();
         assert!(err.got.contains("(2, 1)"), "{err}");
     }
 
@@ -797,8 +941,15 @@ mod tests {
         let tokens = Array::from_shape_fn(n, |i| (i % 37) as i64).into_dyn();
         let kinds = [Kind::PreviousToken, Kind::Induction, Kind::Entropy];
         let run = || {
-            let s =
-                head_scores(a.view(), Some(tokens.view()), None, &kinds, ScoreOptions { exclude_bos: true }).unwrap();
+            let s = head_scores(
+                a.view(),
+                Some(tokens.view()),
+                None,
+                Spans::default(),
+                &kinds,
+                ScoreOptions { exclude_bos: true, ..Default::default() },
+            )
+            .unwrap();
             let d = detection_scores(
                 a.view(),
                 Detection::Kind(Kind::Induction),
@@ -822,6 +973,40 @@ mod tests {
     }
 
     #[test]
+    fn top1_copy_and_spans_follow_the_definitions() {
+        // Row i puts 0.6 on key argmax[i] (rows 1.. only), the rest spread over j <= i.
+        let argmax = [0usize, 0, 0, 1, 2, 5];
+        let a = ndarray::Array2::from_shape_fn((6, 6), |(i, j)| {
+            let spread = if j <= i { 0.4 / (i + 1) as f64 } else { 0.0 };
+            spread + if j == argmax[i] { 0.6 } else { 0.0 }
+        })
+        .into_dyn();
+        let tokens = arr1(&[5i64, 1, 2, 5, 1, 2]).into_dyn();
+        let top1 = ScoreOptions { measure: TargetMeasure::Top1, ..Default::default() };
+        let run = |spans: Spans<'_>, kinds: &[Kind]| {
+            per_query_scores(a.view(), Some(tokens.view()), None, spans, kinds, top1).unwrap()
+        };
+        let q = run(Spans::default(), &[Kind::Copy, Kind::PreviousToken]);
+        let nan = f64::NAN;
+        let same = |got: Vec<f64>, want: [f64; 6]| {
+            assert!(got.iter().zip(want).all(|(g, w)| g == &w || (g.is_nan() && w.is_nan())), "{got:?} vs {want:?}");
+        };
+        // copy: T(2) = {0}, T(3) = {1}, T(4) = {2}; T(1) is empty, query 5 has no next token.
+        same(q.slice(ndarray::s![0, ..]).to_vec(), [nan, nan, 1.0, 1.0, 1.0, nan]);
+        // previous_token: a hit only where the argmax is i - 1 (row 1).
+        same(q.slice(ndarray::s![1, ..]).to_vec(), [nan, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        // Spans: queries 3.. only; key 1 outside (drops T(3) of copy, and row 2's previous token).
+        let queries = arr1(&[false, false, false, true, true, true]).into_dyn();
+        let keys = arr1(&[true, false, true, true, true, true]).into_dyn();
+        let spans = Spans { queries: Some(queries.view()), keys: Some(keys.view()) };
+        let q = run(spans, &[Kind::Copy, Kind::Bos]);
+        same(q.slice(ndarray::s![0, ..]).to_vec(), [nan, nan, nan, nan, 1.0, nan]);
+        // bos keeps key 0 whatever the key span says; the argmax of row 5 is key 5.
+        same(q.slice(ndarray::s![1, ..]).to_vec(), [nan, nan, nan, 0.0, 0.0, 0.0]);
+        assert!("top2".parse::<TargetMeasure>().unwrap_err().to_string().starts_with("measure:"));
+    }
+
+    #[test]
     fn padding_is_neither_query_nor_target() {
         // Two prompts over one uniform pattern: prompt 1 pads positions 3 and 4 on the right,
         // prompt 0 has a padding position 1 in the middle.
@@ -830,8 +1015,15 @@ mod tests {
         let tokens = arr1(&[4i64, 4, 4, 4, 4]).into_dyn();
         let mask = arr2(&[[true, false, true, true, true], [true, true, true, false, false]]).into_dyn();
         let kinds = [Kind::PreviousToken, Kind::DuplicateToken, Kind::Bos, Kind::Entropy];
-        let q = per_query_scores(a.view(), Some(tokens.view()), Some(mask.view()), &kinds, ScoreOptions::default())
-            .unwrap();
+        let q = per_query_scores(
+            a.view(),
+            Some(tokens.view()),
+            Some(mask.view()),
+            Spans::default(),
+            &kinds,
+            ScoreOptions::default(),
+        )
+        .unwrap();
         let nan = f64::NAN;
         let same = |k: usize, b: usize, want: [f64; 5]| {
             let got = q.slice(ndarray::s![k, b, ..]).to_vec();
@@ -851,16 +1043,30 @@ mod tests {
         let h = |i: usize| ((i + 1) as f64).ln();
         same(3, 0, [nan, nan, h(2), h(3), h(4)]);
         same(3, 1, [nan, h(1), h(2), nan, nan]);
-        let means =
-            head_scores(a.view(), Some(tokens.view()), Some(mask.view()), &kinds, ScoreOptions::default()).unwrap();
+        let means = head_scores(
+            a.view(),
+            Some(tokens.view()),
+            Some(mask.view()),
+            Spans::default(),
+            &kinds,
+            ScoreOptions::default(),
+        )
+        .unwrap();
         assert!((means[[0, 1]] - (0.5 + 1.0 / 3.0) / 2.0).abs() < 1e-15);
         assert!((means[[3, 0]] - (h(2) + h(3) + h(4)) / 3.0).abs() < 1e-15);
         // A [n] mask is shared by every head; NaN in padding rows is never read.
         let mut bad = a.clone();
         bad[[0, 1, 0]] = f64::NAN;
         let shared = arr1(&[true, false, true, true, true]).into_dyn();
-        let s = head_scores(bad.view(), None, Some(shared.view()), &[Kind::PreviousToken], ScoreOptions::default())
-            .unwrap();
+        let s = head_scores(
+            bad.view(),
+            None,
+            Some(shared.view()),
+            Spans::default(),
+            &[Kind::PreviousToken],
+            ScoreOptions::default(),
+        )
+        .unwrap();
         assert!((s[[0, 0]] - (0.25 + 0.2) / 2.0).abs() < 1e-15);
     }
 
@@ -869,21 +1075,25 @@ mod tests {
         let a = ndarray::stack(ndarray::Axis(0), &[uniform(3).view(), uniform(3).view()]).unwrap();
         let opts = ScoreOptions::default();
         let wrong = Array::from_elem(IxDyn(&[2, 4]), true);
-        let e = head_scores(a.view(), None, Some(wrong.view()), &[Kind::Bos], opts).unwrap_err().to_string();
+        let e = head_scores(a.view(), None, Some(wrong.view()), Spans::default(), &[Kind::Bos], opts)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("attention_mask:") && e.contains("(2, 3)") && e.contains("got shape (2, 4)"), "{e}");
         let batch = Array::from_elem(IxDyn(&[3, 3]), true);
         assert_eq!(
-            head_scores(a.view(), None, Some(batch.view()), &[Kind::Bos], opts).unwrap_err().arg,
+            head_scores(a.view(), None, Some(batch.view()), Spans::default(), &[Kind::Bos], opts).unwrap_err().arg,
             "attention_mask"
         );
         let mut left = Array::from_elem(IxDyn(&[2, 3]), true);
         left[[1, 0]] = false;
-        let bos = ScoreOptions { exclude_bos: true };
-        let e = head_scores(a.view(), None, Some(left.view()), &[Kind::Bos], bos).unwrap_err().to_string();
+        let bos = ScoreOptions { exclude_bos: true, ..Default::default() };
+        let e = head_scores(a.view(), None, Some(left.view()), Spans::default(), &[Kind::Bos], bos)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("exclude_bos:") && e.contains("attention_mask") && e.contains("prompt 1"), "{e}");
         // Right padding is fine with exclude_bos.
         let mut right = Array::from_elem(IxDyn(&[2, 3]), true);
         right[[1, 2]] = false;
-        assert!(head_scores(a.view(), None, Some(right.view()), &[Kind::Bos], bos).is_ok());
+        assert!(head_scores(a.view(), None, Some(right.view()), Spans::default(), &[Kind::Bos], bos).is_ok());
     }
 }

@@ -292,18 +292,24 @@ impl<'a> PositionMask<'a> {
     /// Checks that `mask` is `[n]` or `[g, n]` with g 1 or `lead[0]`; errors name `attention_mask`
     /// and give the expected and the actual shape.
     pub fn new(mask: ArrayViewD<'a, bool>, lead: &[usize], n: usize) -> Result<Self> {
+        PositionMask::named("attention_mask", mask, lead, n)
+    }
+
+    /// [`PositionMask::new`] for flags named `arg` in errors (a span: `queries`, `keys`).
+    pub fn named(arg: &'static str, mask: ArrayViewD<'a, bool>, lead: &[usize], n: usize) -> Result<Self> {
         let shape = mask.shape().to_vec();
         let bad_shape = || {
+            let meaning = if arg == "attention_mask" { "0 = padding" } else { "1 = in the span" };
             let expected = match lead.first() {
-                Some(b) => format!("0/1 flags of shape ({n},) or ({b}, {n}) (batch, positions; 0 = padding)"),
-                None => format!("0/1 flags of shape ({n},) or (1, {n}) (positions; 0 = padding)"),
+                Some(b) => format!("0/1 flags of shape ({n},) or ({b}, {n}) (batch, positions; {meaning})"),
+                None => format!("0/1 flags of shape ({n},) or (1, {n}) (positions; {meaning})"),
             };
-            Error::invalid("attention_mask", expected, format!("shape {}", shape_str(&shape)))
+            Error::invalid(arg, expected, format!("shape {}", shape_str(&shape)))
         };
         if !(1..=2).contains(&shape.len()) || shape[shape.len() - 1] != n {
             return Err(bad_shape());
         }
-        let group_of = group_of_heads("attention_mask", lead, &shape[..shape.len() - 1]).map_err(|_| bad_shape())?;
+        let group_of = group_of_heads(arg, lead, &shape[..shape.len() - 1]).map_err(|_| bad_shape())?;
         let rows = match mask.ndim() {
             1 => mask.into_dimensionality::<Ix1>().expect("1-d mask").insert_axis(Axis(0)),
             _ => mask.into_dimensionality::<Ix2>().expect("2-d mask"),

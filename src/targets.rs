@@ -8,6 +8,7 @@
 //! | offset(d)       | {i-d}                                          |
 //! | bos             | {0}                                            |
 //! | self            | {i}                                            |
+//! | copy            | {j <= i : t[j] == t[i+1]} (keys holding the next token) |
 //!
 //! Token kinds walk a chain of earlier occurrences built once per token row (O(n) memory even
 //! when every token repeats), so a query's targets cost O(|T(i)|) to visit. Explicit detection
@@ -32,15 +33,17 @@ pub enum Kind {
     Bos,
     SelfToken,
     Offset(usize),
+    /// The keys holding the token that comes next: {j <= i : t[j] == t[i+1]}.
+    Copy,
     /// Not a target set: the row's entropy -sum A log A.
     Entropy,
 }
 
 impl Kind {
-    pub const NAMES: &'static str = "previous_token, duplicate_token, induction, bos, self, entropy, offset_<d>";
+    pub const NAMES: &'static str = "previous_token, duplicate_token, induction, copy, bos, self, entropy, offset_<d>";
 
     pub fn needs_tokens(self) -> bool {
-        matches!(self, Kind::DuplicateToken | Kind::Induction)
+        matches!(self, Kind::DuplicateToken | Kind::Induction | Kind::Copy)
     }
 
     /// The name results are keyed by (the inverse of `from_str`).
@@ -52,6 +55,7 @@ impl Kind {
             Kind::Bos => "bos".into(),
             Kind::SelfToken => "self".into(),
             Kind::Offset(d) => format!("offset_{d}"),
+            Kind::Copy => "copy".into(),
             Kind::Entropy => "entropy".into(),
         }
     }
@@ -79,6 +83,7 @@ impl FromStr for Kind {
             "induction" => Kind::Induction,
             "bos" => Kind::Bos,
             "self" => Kind::SelfToken,
+            "copy" => Kind::Copy,
             "entropy" => Kind::Entropy,
             // Only the canonical spelling, so results are keyed exactly as requested.
             _ => match s.strip_prefix("offset_").map(str::parse::<usize>) {
@@ -147,6 +152,8 @@ pub enum Targets<'a> {
         chain: &'a TokenChain,
         shift: usize,
     },
+    /// {p : p earlier occurrence of t[i + 1]} (so p <= i): copy.
+    Next(&'a TokenChain),
     Sparse(&'a SparseRows),
 }
 
@@ -161,6 +168,7 @@ impl<'a> Targets<'a> {
             Kind::Bos => Targets::Bos,
             Kind::DuplicateToken => chained(0),
             Kind::Induction => chained(1),
+            Kind::Copy => Targets::Next(chain.expect("token kinds are given a token chain")),
             Kind::Entropy => return None,
         })
     }
@@ -201,6 +209,16 @@ impl<'a> Targets<'a> {
                     chain.earlier(i).for_each(|p| visit(i, p + shift, 1.0));
                 }
             }
+            Targets::Next(chain) => {
+                let n = chain.prev.len();
+                for i in rows.start..rows.end.min(n.saturating_sub(1)) {
+                    let l = i + 1 + LOOKAHEAD_ROWS;
+                    if let Some(p) = (l < n).then(|| chain.earlier(l).next()).flatten() {
+                        ahead(l - 1, p);
+                    }
+                    chain.earlier(i + 1).for_each(|p| visit(i, p, 1.0));
+                }
+            }
             Targets::Sparse(sparse) => {
                 for i in rows.clone() {
                     let span = sparse.starts[i]..sparse.starts[i + 1];
@@ -235,6 +253,9 @@ mod tests {
         let chain = TokenChain::new(&tokens);
         let dup = Targets::of_kind(Kind::DuplicateToken, Some(&chain)).unwrap();
         let ind = Targets::of_kind(Kind::Induction, Some(&chain)).unwrap();
+        let copy = Targets::of_kind(Kind::Copy, Some(&chain)).unwrap();
+        assert_eq!(collect(&copy, 2), vec![1]); // t[3] = 5 was at 1
+        assert!(collect(&copy, 5).is_empty()); // no next token
         assert_eq!(collect(&dup, 5), vec![1, 3]);
         assert_eq!(collect(&ind, 5), vec![2, 4]);
         assert_eq!(collect(&dup, 4), vec![0]);
@@ -246,6 +267,8 @@ mod tests {
             let n: Vec<usize> = (1..=i).filter(|&j| tokens[j - 1] == tokens[i] && j - 1 < i).collect();
             assert_eq!(collect(&dup, i), d);
             assert_eq!(collect(&ind, i), n);
+            let c: Vec<usize> = (0..=i).filter(|&j| i + 1 < tokens.len() && tokens[j] == tokens[i + 1]).collect();
+            assert_eq!(collect(&copy, i), c);
         }
     }
 
@@ -269,6 +292,7 @@ mod tests {
             Kind::SelfToken,
             Kind::Entropy,
             Kind::Offset(7),
+            Kind::Copy,
         ] {
             assert_eq!(k.name().parse::<Kind>().unwrap(), k);
         }

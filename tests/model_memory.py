@@ -1,9 +1,13 @@
 """Peak memory of one job on a Llama-shaped Hugging Face model, measured in a process of its own.
 
     python tests/model_memory.py {forward|scan_model|scan_model_recompute|eager} N [LAYERS]
+    python tests/model_memory.py {razor|razor_eager} PERIOD [LAYERS]
 
 prints JSON: the growth of peak resident memory (bytes) over the resident memory just before the
-job, and its time. The peak is reset first (writing 5 to /proc/self/clear_refs resets VmHWM, the
+job, and its time. The razor modes score RazorAttention's probe (BOS + PERIOD random tokens x 4,
+echo = duplicate_token and induction heads on the repeats) through scan_model, or the way the
+method itself does it: eager attention, each layer's full pattern scored as it is made (a forward
+hook), and add the scores (``"scores"``) so the two can be compared. The peak is reset first (writing 5 to /proc/self/clear_refs resets VmHWM, the
 kernel's record of peak RSS, to the current RSS), so building the model does not count.
 Used by tests/test_models_memory.py and benches/bench_models.py.
 """
@@ -34,7 +38,9 @@ def llama_shaped(layers: int = 4, attn: str = "sdpa") -> LlamaForCausalLM:
 def main() -> None:
     mode, n = sys.argv[1], int(sys.argv[2])
     layers = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-    model = llama_shaped(layers, "eager" if mode == "eager" else "sdpa")
+    model = llama_shaped(layers, "eager" if mode in ("eager", "razor_eager") else "sdpa")
+    if mode.startswith("razor"):
+        return razor(model, mode, n)
     ids = torch.as_tensor(np.random.default_rng(0).integers(1, 1024, size=(1, n)))
     if mode == "forward":
         def job(ids):
@@ -55,6 +61,38 @@ def main() -> None:
         raise SystemExit(f"unknown mode {mode!r}")
     job(ids[:, :64])  # warm up: first-call costs (imports, thread pools, torch's kernels) are not timed
     print(json.dumps(measure(job, ids)))
+
+
+RAZOR_KINDS = ("duplicate_token", "induction")
+
+
+def razor(model: LlamaForCausalLM, mode: str, period: int) -> None:
+    probe = inf.probes.repeated(1, period, 4, 1024, seed=0)
+    small = inf.probes.repeated(1, 8, 4, 1024, seed=0)
+    scores: dict = {}
+    if mode == "razor":
+        def job(p):
+            scores.update(inf.scan_model(model, p.tokens, kinds=RAZOR_KINDS, queries=p.queries, keys=p.keys).per_prompt)
+    else:
+        def job(p):
+            per_layer = []
+
+            def score_layer(module, args, output):  # output[1]: this layer's [batch, head, n, n] pattern
+                per_layer.append(inf.head_scores(output[1], p.tokens, kinds=RAZOR_KINDS, queries=p.queries, keys=p.keys))
+                return (output[0], None)  # the pattern is dropped here, as the method drops it
+
+            hooks = [layer.self_attn.register_forward_hook(score_layer) for layer in model.model.layers]
+            try:
+                with torch.no_grad():
+                    model(torch.as_tensor(p.tokens), use_cache=False)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            scores.update({k: np.stack([s[k] for s in per_layer], axis=1) for k in RAZOR_KINDS})
+    job(small)  # warm up
+    result = measure(job, probe)
+    result["scores"] = {k: np.asarray(v).tolist() for k, v in scores.items()}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A slow, obvious numpy oracle for the scores of DESIGN.md section 4 and the attention of
-section 5 (with the soft cap, sliding window and padding of section 10, and the row log-sum-exp of
-section 11).
+section 5 (with the soft cap, sliding window and padding of section 10, the row log-sum-exp of
+section 11, and the top-1 measure, ``copy`` kind and query/key spans of section 12).
 
 Written from the DESIGN.md table and the fixture README's description of TransformerLens, not
 from the Rust code: dense 0/1 target masks D[i, j], explicit loops over the leading indices,
@@ -13,8 +13,8 @@ import functools
 
 import numpy as np
 
-TOKEN_KINDS = ("duplicate_token", "induction")
-TARGET_KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self")
+TOKEN_KINDS = ("duplicate_token", "induction", "copy")
+TARGET_KINDS = ("previous_token", "duplicate_token", "induction", "copy", "bos", "self")
 
 
 def offset_of(kind: str) -> int | None:
@@ -44,6 +44,8 @@ def _target_mask(kind: str, n: int, t) -> np.ndarray:
                 hit = j < i and t[j] == t[i]
             elif kind == "induction":
                 hit = 1 <= j <= i and t[j - 1] == t[i] and j - 1 < i
+            elif kind == "copy":
+                hit = j <= i and i + 1 < n and t[j] == t[i + 1]
             elif kind == "bos":
                 hit = j == 0
             elif kind == "self":
@@ -76,20 +78,26 @@ def renormalise_without_bos(A: np.ndarray) -> np.ndarray:
     return out
 
 
-def per_query_one_head(A: np.ndarray, kind: str, tokens_row=None, exclude_bos: bool = False, valid=None) -> np.ndarray:
+def per_query_one_head(A: np.ndarray, kind: str, tokens_row=None, exclude_bos: bool = False, valid=None,
+                       measure: str = "mass", queries=None, keys=None) -> np.ndarray:
     """Per-query values [n] of one head [n, n]: NaN where not eligible.
 
     ``valid`` ([n] bool, None = all real) marks real tokens; a padding position is no query (NaN,
-    entropy included) and no target (its column leaves every T(i)).
+    entropy included) and no target (its column leaves every T(i)). ``queries`` ([n] bool) leaves
+    the queries outside not eligible; ``keys`` drops the keys outside from T(i) (not for ``bos``).
+    ``measure="top1"``: 1 if the row's largest entry over the candidate keys (j >= 1 under
+    exclude_bos, real tokens; every key whatever ``keys`` says), first one on ties, is in T(i);
+    0 if it is in none, or if no candidate entry is positive.
     """
     A = np.asarray(A, dtype=np.float64)
     n = A.shape[-1]
     real = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    scored = real & (np.ones(n, bool) if queries is None else np.asarray(queries, bool))
     out = np.full(n, np.nan)
     Ap = renormalise_without_bos(A) if exclude_bos else A
     if kind == "entropy":
         for i in range(1, n):
-            if not real[i]:
+            if not scored[i]:
                 continue
             p = Ap[i, 1:] if exclude_bos else Ap[i]
             p = p[p > 0]  # 0 log 0 = 0
@@ -99,9 +107,19 @@ def per_query_one_head(A: np.ndarray, kind: str, tokens_row=None, exclude_bos: b
     if exclude_bos:
         D[:, 0] = False
     D[:, ~real] = False
+    if keys is not None and kind != "bos":
+        D[:, ~np.asarray(keys, bool)] = False
+    first = 1 if exclude_bos else 0
     for i in range(1, n):
-        if real[i] and D[i].any():
+        if not (scored[i] and D[i].any()):
+            continue
+        if measure == "mass":
             out[i] = np.sum(Ap[i][D[i]])
+        else:
+            candidates = np.flatnonzero(real & (np.arange(n) >= first))
+            row = A[i, candidates]
+            best = candidates[np.argmax(row)] if row.size and row.max() > 0 else None  # first max
+            out[i] = 1.0 if best is not None and D[i, best] else 0.0
     return out
 
 
@@ -129,7 +147,8 @@ def _mask_row(mask, index: tuple):
 
 
 def head_scores(patterns, tokens=None, kinds=("previous_token", "duplicate_token", "induction"), offsets=(),
-                exclude_bos=False, per_query=False, attention_mask=None) -> dict[str, np.ndarray]:
+                exclude_bos=False, per_query=False, attention_mask=None, measure="mass", queries=None,
+                keys=None) -> dict[str, np.ndarray]:
     """Oracle for ``induct_fast.head_scores``: {kind: [*lead] or [*lead, n]} float64."""
     P = np.array(patterns, dtype=np.float64)
     lead, n = P.shape[:-2], P.shape[-1]
@@ -138,7 +157,8 @@ def head_scores(patterns, tokens=None, kinds=("previous_token", "duplicate_token
         out = np.full(lead + ((n,) if per_query else ()), np.nan)
         for index in np.ndindex(*lead):
             row = _token_row(tokens, index) if kind in TOKEN_KINDS else None
-            values = per_query_one_head(P[index], kind, row, exclude_bos, _mask_row(attention_mask, index))
+            values = per_query_one_head(P[index], kind, row, exclude_bos, _mask_row(attention_mask, index), measure,
+                                        _mask_row(queries, index), _mask_row(keys, index))
             out[index] = values if per_query else mean_eligible(values)
         result[kind] = out
     return result
@@ -222,19 +242,21 @@ def log_sum_exp(q, k, *, scale=None, causal=True, attention_mask=None, layout="b
 
 def scores_from_qk(q, k, tokens=None, *, kinds=("previous_token", "duplicate_token", "induction"), offsets=(),
                    scale=None, causal=True, attention_mask=None, layout="bnhd", exclude_bos=False, per_query=False,
-                   softcap=None, window=None) -> dict[str, np.ndarray]:
+                   softcap=None, window=None, measure="mass", queries=None, keys=None) -> dict[str, np.ndarray]:
     """Oracle for ``induct_fast.scores_from_qk``: the scores of the oracle patterns under the same
     mask (padding is neither query nor target). ``exclude_bos`` in its exact form: key 0 is left
-    out of every softmax (so no 1 - A[i, 0] is ever divided by)."""
+    out of every softmax (so no 1 - A[i, 0] is ever divided by). ``top1`` through the float64
+    patterns, whose argmax is the logits' (exp is increasing) unless two logits are so close
+    that their float64 probabilities round equal."""
     n = np.shape(q)[-3 if layout == "bnhd" else -2]
-    keys = None if attention_mask is None else (np.asarray(attention_mask) != 0)
+    real = None if attention_mask is None else (np.asarray(attention_mask) != 0)
     if exclude_bos:
-        keys = np.ones(n, bool) if keys is None else keys.copy()
-        keys[..., :1] = False
-    P = attention_patterns(q, k, scale=scale, causal=causal, attention_mask=keys, layout=layout, softcap=softcap,
+        real = np.ones(n, bool) if real is None else real.copy()
+        real[..., :1] = False
+    P = attention_patterns(q, k, scale=scale, causal=causal, attention_mask=real, layout=layout, softcap=softcap,
                            window=window)
     return head_scores(P, tokens, kinds, offsets, exclude_bos=exclude_bos, per_query=per_query,
-                       attention_mask=attention_mask)
+                       attention_mask=attention_mask, measure=measure, queries=queries, keys=keys)
 
 
 def detection_one_head(A: np.ndarray, D: np.ndarray, measure: str = "mul", exclude_bos: bool = False,

@@ -115,9 +115,10 @@ def test_head_scores_equal_float32_of_the_same_values(form, per_query):
     x = forms(patterns)[form]
     mask = np.ones((2, 33), bool)
     mask[1, 30:] = False
-    for options in ({}, {"exclude_bos": True}, {"attention_mask": mask}):
-        got = inf.head_scores(x, tokens, kinds=ALL_KINDS, offsets=(1, 5), per_query=per_query, **options)
-        want = inf.head_scores(patterns, tokens, kinds=ALL_KINDS, offsets=(1, 5), per_query=per_query, **options)
+    spans = {"queries": np.arange(33) > 10, "keys": np.arange(33) < 20}
+    for options in ({}, {"exclude_bos": True}, {"attention_mask": mask}, {"measure": "top1"}, spans):
+        got = inf.head_scores(x, tokens, kinds=ALL_KINDS + ("copy",), offsets=(1, 5), per_query=per_query, **options)
+        want = inf.head_scores(patterns, tokens, kinds=ALL_KINDS + ("copy",), offsets=(1, 5), per_query=per_query, **options)
         assert_same(got, want)
     assert_same(inf.induction_scores(x, tokens), inf.induction_scores(patterns, tokens))
     assert_same(inf.offset_scores(x, 3, per_query=per_query), inf.offset_scores(patterns, 3, per_query=per_query))
@@ -157,9 +158,11 @@ def test_scores_from_qk_equal_float32_of_the_same_values(form):
     q, k = qk_values((2, 150, 4, 8), (2, 150, 1, 8), seed=2)
     tokens = np.random.default_rng(3).integers(0, 9, size=(2, 150))
     qb, kb = forms(q)[form], forms(k)[form]
-    for options in ({}, {"per_query": True, "softcap": 3.0}, {"window": 20, "exclude_bos": True}):
-        got = inf.scores_from_qk(qb, kb, tokens, kinds=ALL_KINDS, **options)
-        assert_same(got, inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS, **options))
+    spans = {"queries": np.arange(150) > 40, "keys": np.arange(150) % 3 > 0}
+    cases = ({}, {"per_query": True, "softcap": 3.0}, {"window": 20, "exclude_bos": True}, {"measure": "top1"}, spans)
+    for options in cases:
+        got = inf.scores_from_qk(qb, kb, tokens, kinds=ALL_KINDS + ("copy",), **options)
+        assert_same(got, inf.scores_from_qk(q, k, tokens, kinds=ALL_KINDS + ("copy",), **options))
     scores, lse = inf.scores_from_qk(qb, kb, tokens, kinds=TARGET_KINDS, return_lse=True)
     want, want_lse = inf.scores_from_qk(q, k, tokens, kinds=TARGET_KINDS, return_lse=True)
     assert_same(scores, want)

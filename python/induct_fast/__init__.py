@@ -31,6 +31,7 @@ from .scores import (
     previous_token_scores,
 )
 from .tokens import icl_score, repeated_tokens, token_losses
+from . import probes
 from .results import HeadScores
 from .scan import scan
 from .models import scan_model
@@ -66,6 +67,7 @@ __all__ = [
     "ov_eigenvalues",
     "positional_qk_scores",
     "previous_token_scores",
+    "probes",
     "repeated_tokens",
     "scan",
     "scan_model",

@@ -167,6 +167,25 @@ def as_key_mask(mask: Any, name: str = "attention_mask") -> np.ndarray | None:
     1/True marks a real key, 0/False a padding key that no query attends to. Any other value
     (2, 0.5, NaN, an additive -inf mask) raises ValueError naming `name` and the first bad index.
     """
+    return _position_flags(mask, name, "1 = real token, 0 = padding")
+
+
+def as_span(span: Any, name: str) -> np.ndarray | None:
+    """A span of positions (``queries=`` / ``keys=``): 0/1 or bool flags ``[n]`` or ``[batch, n]``
+    as a bool array (1 = inside), checked like :func:`as_key_mask`."""
+    return _position_flags(span, name, "1 = in the span, 0 = outside")
+
+
+def as_measure(measure: Any) -> str:
+    """``"mass"`` or ``"top1"`` (what a target kind measures), else a TypeError/ValueError."""
+    if not isinstance(measure, str):
+        raise TypeError(f'measure: expected "mass" or "top1", got {measure!r}')
+    if measure not in ("mass", "top1"):
+        raise ValueError(f'measure: expected "mass" or "top1", got {measure!r}')
+    return measure
+
+
+def _position_flags(mask: Any, name: str, meaning: str) -> np.ndarray | None:
     if mask is None:
         return None
     if type(mask).__module__.startswith("torch"):
@@ -174,17 +193,17 @@ def as_key_mask(mask: Any, name: str = "attention_mask") -> np.ndarray | None:
     try:
         arr = np.asarray(mask)
     except ValueError as exc:  # ragged nested lists
-        raise ValueError(f"{name}: expected an array of 0/1 key flags, got {type(mask).__name__} ({exc})") from None
+        raise ValueError(f"{name}: expected an array of 0/1 flags ({meaning}), got {type(mask).__name__} ({exc})") from None
     if arr.ndim not in (1, 2):
-        raise ValueError(f"{name}: expected shape (n,) or (batch, n) of 0/1 key flags, got shape {arr.shape}")
+        raise ValueError(f"{name}: expected shape (n,) or (batch, n) of 0/1 flags ({meaning}), got shape {arr.shape}")
     if arr.dtype.kind == "b":
         return arr
     if arr.dtype.kind not in "iuf":
-        raise TypeError(f"{name}: expected 0/1 or bool key flags, got dtype {arr.dtype}")
+        raise TypeError(f"{name}: expected 0/1 or bool flags ({meaning}), got dtype {arr.dtype}")
     bad = (arr != 0) & (arr != 1)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: expected 0/1 key flags (1 = real token, 0 = padding), got {arr[index].item()!r} at index {index}")
+        raise ValueError(f"{name}: expected 0/1 flags ({meaning}), got {arr[index].item()!r} at index {index}")
     flags: np.ndarray = arr != 0
     return flags
 

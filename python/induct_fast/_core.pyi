@@ -31,9 +31,13 @@ def head_scores(
     exclude_bos: bool,
     per_query: bool,
     attention_mask: Optional[npt.NDArray[np.bool_]],
+    measure: str = "mass",
+    queries: Optional[npt.NDArray[np.bool_]] = None,
+    keys: Optional[npt.NDArray[np.bool_]] = None,
 ) -> npt.NDArray[np.float64]:
     """[len(kinds), *lead, n] per-query scores, or [len(kinds), *lead] means; attention_mask
-    [n] or [lead[0], n] (False = padding: neither query nor target)."""
+    [n] or [lead[0], n] (False = padding: neither query nor target); measure "mass" or "top1";
+    queries / keys spans [n] or [lead[0], n] (False = outside)."""
 
 def detection_scores(
     patterns: _Floats,
@@ -75,12 +79,16 @@ def scores_from_qk(
     window: Optional[int],
     lse: Optional[_Floats] = None,
     return_lse: bool = False,
+    measure: str = "mass",
+    queries: Optional[npt.NDArray[np.bool_]] = None,
+    keys: Optional[npt.NDArray[np.bool_]] = None,
 ) -> Union[npt.NDArray[np.float64], tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
     """[len(kinds), *lead, n_heads, n] per-query scores, or [len(kinds), *lead, n_heads] means;
     padding positions (attention_mask False) are neither queries nor targets. With ``lse``
     ([*lead, n_heads, n], any float dtype) each row's normaliser is taken from it (unless
     ``entropy`` is asked for) and only target logits are computed; with ``return_lse`` the
-    result is (scores, lse [*lead, n_heads, n] float64: the kernel's own, or ``lse`` as given)."""
+    result is (scores, lse [*lead, n_heads, n] float64: the kernel's own, or ``lse`` as given).
+    ``measure``, ``queries``, ``keys`` as in head_scores (top1: the argmax of the logits)."""
 
 def token_losses(
     logits: _Floats,

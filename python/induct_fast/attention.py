@@ -73,8 +73,10 @@ from ._arrays import (
     BFLOAT16_BITS,
     as_float_array,
     as_key_mask,
+    as_measure,
     as_scale,
     as_softcap,
+    as_span,
     as_tokens,
     as_window,
     bfloat16_to_float32,
@@ -194,6 +196,9 @@ def scores_from_qk(
     window: Optional[int] = None,
     lse: Any = None,
     return_lse: Literal[False] = False,
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
 ) -> dict[str, np.ndarray]: ...
 
 
@@ -215,6 +220,9 @@ def scores_from_qk(
     window: Optional[int] = None,
     lse: Any = None,
     return_lse: Literal[True],
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]: ...
 
 
@@ -235,6 +243,9 @@ def scores_from_qk(
     window: Optional[int] = None,
     lse: Any = None,
     return_lse: bool = False,
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
 ) -> Union[dict[str, np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]:
     """Head scores of the attention of q and k, without forming the n x n patterns.
 
@@ -252,10 +263,10 @@ def scores_from_qk(
         from every T(i)). With ``exclude_bos=True``, position 0 must be 1 in every prompt
         (pad on the right).
     tokens : array_like of int, shape (n,) or (lead[0], n), optional
-        Token ids; needed by ``duplicate_token`` and ``induction``.
+        Token ids; needed by ``duplicate_token``, ``induction`` and ``copy``.
     kinds : str or sequence of str
-        Any of ``previous_token``, ``duplicate_token``, ``induction``, ``bos``, ``self``,
-        ``entropy``, ``offset_<d>`` (target sets as in :func:`induct_fast.head_scores`).
+        Any of ``previous_token``, ``duplicate_token``, ``induction``, ``copy``, ``bos``,
+        ``self``, ``entropy``, ``offset_<d>`` (target sets as in :func:`induct_fast.head_scores`).
     offsets : iterable of int
         Extra positional kinds ``offset_<d>`` (T(i) = {i - d}), each in 1..n-1.
     exclude_bos : bool
@@ -284,6 +295,16 @@ def scores_from_qk(
         key, such as a left-padding row under the causal mask), ready to pass back as ``lse``;
         or, when ``lse`` is given, that lse as float64, unchanged. Not with
         ``exclude_bos=True`` (ValueError): its rows leave key 0 out.
+    measure : {"mass", "top1"}
+        ``top1``: 1 where the argmax of the row's logits s_ij over its allowed keys (causal,
+        window, no padding, j >= 1 with ``exclude_bos``; ties to the lowest index) is in T(i).
+        Found in the tile pass with no exponential at all (unless ``entropy`` or
+        ``return_lse`` also needs the softmax); a given ``lse`` is then not used. Equal to
+        ``head_scores(..., measure="top1")`` of the patterns except where two logits of a row
+        are so close that their probabilities round to the same value.
+    queries, keys : array_like of 0/1 or bool, shape (n,) or (lead[0], n), optional
+        Spans, as in :func:`induct_fast.head_scores`: they narrow what is scored, never what is
+        attended (every softmax and argmax still range over all allowed keys).
 
     Returns
     -------
@@ -354,6 +375,9 @@ def scores_from_qk(
         o["window"],
         given,
         bool(return_lse),
+        as_measure(measure),
+        as_span(queries, "queries"),
+        as_span(keys, "keys"),
     )
     if isinstance(result, tuple):  # return_lse
         values, lse_out = result

@@ -178,6 +178,8 @@ output:
 examples:
   induct-fast scan patterns.npy --tokens tokens.npy
   induct-fast scan patterns.npy --tokens tokens.npy --kinds induction entropy --offsets 49 --csv
+  induct-fast scan probe.npz --key 'blocks.*.attn.hook_pattern' --kinds copy --measure top1 \
+      --queries probe.npz:queries --keys probe.npz:keys
   induct-fast scan cache.npz --key 'blocks.*.attn.hook_pattern' --json
   induct-fast scan ref.npz --key L2_rep_patterns --tokens ref.npz:L2_rep_tokens
   induct-fast scan cache.safetensors --exclude-bos --table --plot heads.png
@@ -212,6 +214,14 @@ def _add_scan_command(commands: Any) -> None:
     )
     scan.add_argument("--offsets", nargs="+", type=_positive_int, default=[], metavar="D", help="also score offset_D heads (attention to i - D)")
     scan.add_argument("--exclude-bos", action="store_true", help="renormalise every row without key 0 first")
+    scan.add_argument(
+        "--measure",
+        choices=("mass", "top1"),
+        default="mass",
+        help="mass: attention mass on the targets (default); top1: whether the row's argmax key is a target",
+    )
+    scan.add_argument("--queries", metavar="FILE[:KEY]", help="0/1 span [n] or [batch, n] of the queries to score")
+    scan.add_argument("--keys", metavar="FILE[:KEY]", help="0/1 span [n] or [batch, n] of the keys that count as targets")
     output = scan.add_mutually_exclusive_group()
     output.add_argument("--table", dest="format", action="store_const", const="table", help="an aligned table (default)")
     output.add_argument("--json", dest="format", action="store_const", const="json", help="JSON: kinds, shape, batch, scores[kind][layer][head]")
@@ -252,8 +262,19 @@ def _scan_file(args: argparse.Namespace) -> tuple[HeadScores, Optional[str]]:
     source = open_patterns(args.patterns, key=args.key)
     tokens = load_tokens(*split_key(args.tokens)) if args.tokens else source.tokens
     kinds, note = _scan_kinds(args.kinds, tokens is not None)
+    spans: dict[str, Any] = {
+        name: load_tokens(*split_key(spec), name=name) if spec else None
+        for name, spec in (("queries", args.queries), ("keys", args.keys))
+    }
     scores = induct_fast.scan(
-        source, tokens, kinds=kinds, offsets=args.offsets, exclude_bos=args.exclude_bos, progress=not args.quiet
+        source,
+        tokens,
+        kinds=kinds,
+        offsets=args.offsets,
+        exclude_bos=args.exclude_bos,
+        measure=args.measure,
+        progress=not args.quiet,
+        **spans,
     )
     return scores, note
 

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ._arrays import as_key_mask, as_measure, as_span
 from .scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names
 
 
@@ -22,6 +23,10 @@ def head_scores(
     kinds: KindArg = DEFAULT_KINDS,
     offsets: OffsetArg = (),
     exclude_bos: bool = False,
+    attention_mask: Any = None,
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
 ) -> dict[str, Any]:
     """Lazy head scores of a chunked ``[*lead, n, n]`` dask array.
 
@@ -35,8 +40,10 @@ def head_scores(
     tokens : array_like or dask array of int, shape (n,) or (lead[0], n), optional
         Token ids. ``[lead[0], n]`` tokens are rechunked to follow ``array``'s chunks of the
         first (batch) axis, so each block gets the token rows of its prompts.
-    kinds, offsets, exclude_bos
+    kinds, offsets, exclude_bos, measure
         As in :func:`induct_fast.head_scores`.
+    attention_mask, queries, keys : array_like of 0/1, shape (n,) or (lead[0], n), optional
+        Padding and spans, as in :func:`induct_fast.head_scores`; chunked like ``tokens``.
 
     Returns
     -------
@@ -61,10 +68,18 @@ def head_scores(
     matrix = (lead_ndim, lead_ndim + 1)  # indices of the query and key axes (contracted)
     kind_axis = lead_ndim + 2
     args: list[Any] = [array, lead + matrix]
-    if tokens is not None:
-        tokens = _tokens_like(da, tokens, array)
-        # The token axis shares the key axis' index, so blocks pair up along it as well.
-        args += [tokens, ((0,) if tokens.ndim == 2 else ()) + (matrix[1],)]
+    # Per-position arrays, [n] or [lead[0], n], each paired with the blocks of its prompts.
+    positional = {
+        "tokens": tokens,
+        "attention_mask": as_key_mask(attention_mask),
+        "queries": as_span(queries, "queries"),
+        "keys": as_span(keys, "keys"),
+    }
+    present = tuple(name for name, value in positional.items() if value is not None)
+    for name in present:
+        rows = _rows_like(da, positional[name], array, name)
+        # The position axis shares the key axis' index, so blocks pair up along it as well.
+        args += [rows, ((0,) if rows.ndim == 2 else ()) + (matrix[1],)]
     stacked = da.blockwise(
         _block_scores,
         (kind_axis,) + lead,
@@ -74,8 +89,8 @@ def head_scores(
         dtype=np.float64,
         meta=np.empty((0,) * (lead_ndim + 1), dtype=np.float64),
         names=tuple(names),
-        exclude_bos=bool(exclude_bos),
-        has_tokens=tokens is not None,
+        options={"exclude_bos": bool(exclude_bos), "measure": as_measure(measure)},
+        present=present,
     )
     return {name: stacked[i] for i, name in enumerate(names)}
 
@@ -91,26 +106,29 @@ def _whole_matrices(array: Any) -> Any:
     return array
 
 
-def _tokens_like(da: Any, tokens: Any, array: Any) -> Any:
-    """Tokens as a dask array [n] or [lead[0], n] chunked like `array`'s first axis."""
-    tokens = da.asarray(tokens)
-    if tokens.dtype.kind not in "iu":
+def _rows_like(da: Any, rows: Any, array: Any, name: str) -> Any:
+    """Tokens (or 0/1 flags) as a dask array [n] or [lead[0], n] chunked like `array`'s first axis."""
+    tokens = da.asarray(rows)
+    if name == "tokens" and tokens.dtype.kind not in "iu":
         raise TypeError(f"tokens: expected an integer array of token ids, got dtype {tokens.dtype}")
     n = array.shape[-1]
     lead = array.shape[:-2]
     batch_ok = tokens.ndim == 1 or (tokens.ndim == 2 and len(lead) >= 1 and tokens.shape[0] == lead[0])
     if tokens.ndim not in (1, 2) or tokens.shape[-1] != n or not batch_ok:
         expected = f"({n},)" + (f" or ({lead[0]}, {n})" if lead else "")
-        raise ValueError(f"tokens: expected shape {expected} to match the patterns {array.shape}, got shape {tokens.shape}")
+        raise ValueError(f"{name}: expected shape {expected} to match the patterns {array.shape}, got shape {tokens.shape}")
     if tokens.ndim == 1:
         return tokens.rechunk(-1)
     return tokens.rechunk((array.chunks[0], -1))
 
 
-def _block_scores(block: np.ndarray, *rest: np.ndarray, names: tuple[str, ...], exclude_bos: bool, has_tokens: bool) -> np.ndarray:
-    """[kinds, *lead_block] scores of one block (runs on a worker)."""
+def _block_scores(
+    block: np.ndarray, *rest: np.ndarray, names: tuple[str, ...], options: dict[str, Any], present: tuple[str, ...]
+) -> np.ndarray:
+    """[kinds, *lead_block] scores of one block (runs on a worker); `rest` holds the block's rows
+    of the per-position arrays named in `present`."""
     from .scores import head_scores
 
-    tokens = rest[0] if has_tokens else None
-    scores = head_scores(block, tokens, kinds=list(names), exclude_bos=exclude_bos)
+    arrays: dict[str, Any] = dict(zip(present, rest))
+    scores = head_scores(block, kinds=list(names), **options, **arrays)
     return np.stack([np.asarray(scores[name], dtype=np.float64) for name in names])

@@ -151,35 +151,36 @@ def open_patterns(path: PathLike, key: Optional[str] = None) -> PatternFile:
     return PatternFile(path, key)
 
 
-def load_tokens(path: PathLike, key: Optional[str] = None) -> np.ndarray:
+def load_tokens(path: PathLike, key: Optional[str] = None, name: str = "tokens") -> np.ndarray:
     """Token ids ``[n]`` or ``[batch, n]`` from ``.npy``, ``.npz`` / ``.safetensors`` (the array
     named ``key``; without it the key ``tokens``, or the only array), or text
-    (``.txt``/``.csv``: one sequence per line)."""
+    (``.txt``/``.csv``: one sequence per line). ``name`` is what errors call the array (the CLI
+    also loads the 0/1 spans ``queries`` / ``keys`` this way)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".csv", ".tsv"):
         _check_exists(path)
         if key is not None:
-            raise ValueError(f"tokens: {path} is a text file, which has no keys; drop ':{key}'")
+            raise ValueError(f"{name}: {path} is a text file, which has no keys; drop ':{key}'")
         try:
             return np.loadtxt(path, dtype=np.int64, ndmin=1, delimiter="," if suffix == ".csv" else None)
         except ValueError as exc:
-            raise ValueError(f"{path}: expected integer token ids, one sequence per line ({exc})") from None
+            raise ValueError(f"{path}: expected integers, one sequence per line ({exc})") from None
     reader = _reader_for(path)
     entries = reader.entries()
     if key is not None:
         if isinstance(reader, _NpyReader):
-            raise ValueError(f"tokens: {path} is a .npy file, which holds one array and no keys; drop ':{key}'")
+            raise ValueError(f"{name}: {path} is a .npy file, which holds one array and no keys; drop ':{key}'")
         if key not in entries:
-            raise ValueError(f"tokens: {path} has no array {key!r}; {_some_keys(entries)}")
+            raise ValueError(f"{name}: {path} has no array {key!r}; {_some_keys(entries)}")
     elif TOKENS_KEY in entries:
         key = TOKENS_KEY
     elif len(entries) == 1:
         key = next(iter(entries))
     else:
         raise ValueError(
-            f"tokens: {path} holds {len(entries)} arrays and none is named {TOKENS_KEY!r}; name one as "
-            f"FILE:KEY (--tokens {path}:KEY); {_some_keys(entries, _looks_like_tokens)}"
+            f"{name}: {path} holds {len(entries)} arrays and none is named {TOKENS_KEY!r}; name one as "
+            f"FILE:KEY (--{name} {path}:KEY); {_some_keys(entries, _looks_like_tokens)}"
         )
     return np.array(reader.read(key, None))
 

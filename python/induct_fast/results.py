@@ -7,10 +7,13 @@ need them (``to_frame``, ``plot``).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from ._arrays import as_count
 
 
 class HeadScores:
@@ -128,6 +131,144 @@ class HeadScores:
                 raise ValueError(f"k: expected a non-negative integer or None, got {k!r}")
             order = order[:k]
         return [(int(i // self.n_heads), int(i % self.n_heads), float(flat[i])) for i in order]
+
+    def select(
+        self,
+        kind: str,
+        *,
+        count: Optional[int] = None,
+        fraction: Optional[float] = None,
+        threshold: Optional[float] = None,
+        largest: bool = True,
+    ) -> list[tuple[int, int]]:
+        """The heads of ``kind`` to keep, by count, fraction or threshold (exactly one), best first.
+
+        Parameters
+        ----------
+        kind : str
+            A scored kind.
+        count : int, optional
+            The ``count`` best heads (>= 0).
+        fraction : float, optional
+            The best ``ceil(fraction * n_layers * n_heads)`` heads, fraction in [0, 1]: a fraction
+            of all heads, rounded up, so any fraction > 0 keeps at least one head
+            (RazorAttention's "top 1%" of a 32 x 32 model is 11 heads). A product within 1e-9 of
+            an integer counts as that integer (0.14 of 100 heads is 14 heads, not 15).
+        threshold : float, optional
+            Every head whose score is ``>= threshold`` (``<=`` with ``largest=False``).
+        largest : bool
+            Best means largest (``False``: smallest, e.g. for ``entropy``).
+
+        Returns
+        -------
+        list of (int, int)
+            ``(layer, head)`` of the ``[layer, head]`` grid, best first, ties in (layer, head)
+            order. NaN heads (no eligible query) are never selected, so a count or fraction may
+            return fewer heads. Selections are plain lists: ``sorted(set(a) | set(b))`` is the
+            union of two (in (layer, head) order), e.g. of two kinds.
+
+        Raises
+        ------
+        ValueError
+            Not exactly one of ``count``, ``fraction``, ``threshold``; a count < 0, a fraction
+            outside [0, 1], a NaN fraction or threshold.
+        TypeError
+            A count that is not an integer, a fraction or threshold that is not a real number.
+        KeyError
+            ``kind`` not scored.
+
+        Examples
+        --------
+        >>> s = HeadScores({"induction": np.array([[[0.1, 0.9, np.nan], [0.5, 0.9, 0.2]]])})
+        >>> s.select("induction", count=2)
+        [(0, 1), (1, 1)]
+        >>> s.select("induction", fraction=0.5)          # ceil(0.5 * 6) = 3 heads
+        [(0, 1), (1, 1), (1, 0)]
+        >>> s.select("induction", threshold=0.2)
+        [(0, 1), (1, 1), (1, 0), (1, 2)]
+        """
+        given = {name: value for name, value in (("count", count), ("fraction", fraction), ("threshold", threshold)) if value is not None}
+        if len(given) != 1:
+            got = ", ".join(f"{name}={value!r}" for name, value in given.items()) or "none"
+            raise ValueError(f"count, fraction, threshold: expected exactly one of them, got {got}")
+        ranked = [(layer, head, score) for layer, head, score in self.top(kind, None, largest=largest) if not math.isnan(score)]
+        if count is not None:
+            keep = as_count(count, "count", 0)
+        elif fraction is not None:
+            share = _real(fraction, "fraction")
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"fraction: expected a number in [0, 1], got {fraction!r}")
+            keep = math.ceil(share * self.n_layers * self.n_heads - 1e-9)
+        else:
+            limit = _real(threshold, "threshold")
+            keep = sum(1 for _, _, score in ranked if (score >= limit if largest else score <= limit))
+        return [(layer, head) for layer, head, _ in ranked[:keep]]
+
+    def group_kv(self, n_kv_heads: int, reduce: str = "max") -> HeadScores:
+        """The scores per key/value group of a grouped-query model: one "head" per kv head.
+
+        Query head ``h`` shares kv head ``h // r`` (``r = n_heads // n_kv_heads``, the Hugging
+        Face / Llama convention), so group ``g`` is query heads ``g*r .. g*r + r - 1``. KV-cache
+        methods keep or drop a kv head for all of its query heads; RazorAttention takes the
+        largest score in each group.
+
+        Parameters
+        ----------
+        n_kv_heads : int
+            Key/value heads per layer (the config's ``num_key_value_heads``); divides ``n_heads``.
+        reduce : {"max", "mean"}
+            The group's score in each prompt: its best head's, or the mean of its heads'. NaN
+            heads (no eligible query) are ignored; a group is NaN only where all its heads are.
+
+        Returns
+        -------
+        HeadScores
+            ``per_prompt`` of shape ``(batch, layer, n_kv_heads)``, each prompt's scores reduced
+            over each group (every kind alike: ``"max"`` of ``entropy`` is its least focused
+            head); the grid is then their mean over prompts as for any ``HeadScores``, i.e. with
+            ``"max"`` the mean over prompts of the best head in each prompt (with one prompt,
+            simply the best head's score). ``meta`` is carried over, plus ``meta["group_kv"] =
+            {"n_kv_heads": ..., "heads_per_group": r, "reduce": ...}``.
+
+        Raises
+        ------
+        ValueError
+            ``n_kv_heads`` < 1, larger than ``n_heads`` or not a divisor of it; ``reduce``
+            unknown; scores grouped already.
+        TypeError
+            ``n_kv_heads`` not an integer, ``reduce`` not a str.
+
+        Examples
+        --------
+        >>> s = HeadScores({"induction": np.array([[[0.1, 0.9, np.nan, np.nan]], [[0.3, 0.5, np.nan, 0.4]]])})
+        >>> g = s.group_kv(2)                      # groups (h0, h1) and (h2, h3)
+        >>> g.per_prompt["induction"]
+        array([[[0.9, nan]],
+        <BLANKLINE>
+               [[0.5, 0.4]]])
+        >>> g["induction"]                         # mean over prompts, as always
+        array([[0.7, 0.4]])
+        >>> s.group_kv(2, reduce="mean")["induction"]
+        array([[0.45, 0.4 ]])
+        """
+        n_kv_heads = as_count(n_kv_heads, "n_kv_heads", 1)
+        if not isinstance(reduce, str):
+            raise TypeError(f"reduce: expected \"max\" or \"mean\", got {reduce!r}")
+        if reduce not in _GROUP_REDUCE:
+            raise ValueError(f"reduce: expected \"max\" or \"mean\", got {reduce!r}")
+        if n_kv_heads > self.n_heads or self.n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads: expected a divisor of n_heads={self.n_heads}, got {n_kv_heads}")
+        if "group_kv" in self.meta:
+            raise ValueError(f"n_kv_heads: these scores are grouped already ({self.meta['group_kv']}); group the ungrouped ones")
+        size = self.n_heads // n_kv_heads
+        grouped = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups stay NaN
+            for kind, values in self.per_prompt.items():
+                groups = values.reshape(self.batch, self.n_layers, n_kv_heads, size)
+                grouped[kind] = _GROUP_REDUCE[reduce](groups, axis=-1)
+        meta = {**self.meta, "group_kv": {"n_kv_heads": n_kv_heads, "heads_per_group": size, "reduce": reduce}}
+        return HeadScores(grouped, meta)
 
     def to_frame(self) -> Any:
         """The grids as a table (needs pandas).
@@ -428,6 +569,19 @@ def _optional(module: str, feature: str, package: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"{feature} needs {package}: pip install {package}") from None
+
+
+# How HeadScores.group_kv reduces each group of query heads (NaN heads ignored).
+_GROUP_REDUCE: dict[str, Callable[..., np.ndarray]] = {"max": np.nanmax, "mean": np.nanmean}
+
+
+def _real(value: Any, name: str) -> float:
+    """A real number that is not NaN (infinities allowed), with errors naming `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name}: expected a number, got NaN")
+    return float(value)
 
 
 def _mean_over_prompts(values: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from ._arrays import as_float_array, as_key_mask, as_tokens
+from ._arrays import as_float_array, as_key_mask, as_measure, as_span, as_tokens
 from .adapters import Layers, layers_of
 from .results import HeadScores
 from .scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names, head_scores
@@ -23,6 +23,9 @@ def scan(
     offsets: OffsetArg = (),
     exclude_bos: bool = False,
     attention_mask: Any = None,
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
     layer_axis: int = 1,
     progress: bool = False,
     qk_options: Optional[Mapping[str, Any]] = None,
@@ -49,10 +52,11 @@ def scan(
         - a path to a ``.npy``/``.npz``/``.safetensors`` file (see :mod:`induct_fast.files`),
           a saved TransformerLens cache (``np.savez(path, **cache)``) included.
     tokens : array_like of int, shape (n,) or (batch, n), optional
-        Token ids; needed by ``duplicate_token`` and ``induction``. Defaults to the ``tokens``
-        entry of a file source.
-    kinds, offsets, exclude_bos
-        As in :func:`induct_fast.head_scores`.
+        Token ids; needed by ``duplicate_token``, ``induction`` and ``copy``. Defaults to the
+        ``tokens`` entry of a file source.
+    kinds, offsets, exclude_bos, measure, queries, keys
+        As in :func:`induct_fast.head_scores` (spans ``[n]`` or ``[batch, n]``; for q/k sources
+        ``measure="top1"`` is the argmax of the logits, as in :func:`induct_fast.scores_from_qk`).
     attention_mask : array_like of 0/1, shape (batch, n), optional
         1 for real tokens, 0 for padding: padding positions are neither queries nor targets (and,
         for q/k sources, never attended).
@@ -90,23 +94,31 @@ def scan(
         tokens = layers.tokens
     tokens = as_tokens(tokens)
     mask = as_key_mask(attention_mask)
+    # What every layer is scored with, patterns or q/k.
+    common: dict[str, Any] = {
+        "exclude_bos": exclude_bos,
+        "attention_mask": mask,
+        "measure": as_measure(measure),
+        "queries": as_span(queries, "queries"),
+        "keys": as_span(keys, "keys"),
+    }
     if layers.prompts is not None:
         _check_tokens(tokens, *layers.prompts)
     if layers.stacked is not None:
         stacked = layers.stacked
         _check_tokens(tokens, stacked.shape[0], stacked.shape[-1])
         if not progress:
-            return HeadScores(head_scores(stacked, tokens, kinds=names, exclude_bos=exclude_bos, attention_mask=mask))
+            return HeadScores(head_scores(stacked, tokens, kinds=names, **common))
         views = Layers("patterns", (stacked[:, layer] for layer in range(stacked.shape[1])), stacked.shape[1])
-        per_layer = _score_layers(views, _pattern_scorer(tokens, names, exclude_bos, mask), progress)
+        per_layer = _score_layers(views, _pattern_scorer(tokens, names, common), progress)
         return HeadScores(_stack_layers(per_layer, names))
     if layers.kind == "qk":
         if qk_options is not None and not isinstance(qk_options, Mapping):
             raise TypeError(f"qk_options: expected a mapping of scores_from_qk keyword arguments, got {qk_options!r}")
-        options = {"exclude_bos": exclude_bos, "attention_mask": mask, **dict(qk_options or {})}
+        options = {**common, **dict(qk_options or {})}
         score = _qk_scorer(tokens, names, options, layers.rules)
     else:
-        score = _pattern_scorer(tokens, names, exclude_bos, mask)
+        score = _pattern_scorer(tokens, names, common)
     return HeadScores(_stack_layers(_score_layers(layers, score, progress), names))
 
 
@@ -151,11 +163,9 @@ def _stack_layers(per_layer: Iterable[LayerScores], names: list[str]) -> dict[st
     return {name: np.stack(values, axis=1) for name, values in collected.items()}
 
 
-def _pattern_scorer(
-    tokens: Optional[np.ndarray], names: list[str], exclude_bos: bool, mask: Optional[np.ndarray]
-) -> Callable[[int, Any], LayerScores]:
-    """Scores one layer of patterns [batch, head, n, n] ([head, n, n]: a batch of one), after
-    checking it has the first layer's shape."""
+def _pattern_scorer(tokens: Optional[np.ndarray], names: list[str], common: dict[str, Any]) -> Callable[[int, Any], LayerScores]:
+    """Scores one layer of patterns [batch, head, n, n] ([head, n, n]: a batch of one) with the
+    `common` options of head_scores, after checking it has the first layer's shape."""
     first: list[tuple[int, ...]] = []
 
     def score(index: int, layer: Any) -> LayerScores:
@@ -169,7 +179,7 @@ def _pattern_scorer(
             _check_tokens(tokens, array.shape[0], array.shape[-1])
         elif array.shape != first[0]:
             raise ValueError(f"layer {index}: expected shape {first[0]} like layer 0, got shape {array.shape}")
-        return head_scores(array, tokens, kinds=names, exclude_bos=exclude_bos, attention_mask=mask)
+        return head_scores(array, tokens, kinds=names, **common)
 
     return score
 

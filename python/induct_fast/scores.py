@@ -17,11 +17,17 @@ kind                T(i)
 ``offset_<d>``      {i-d}
 ``bos``             {0}
 ``self``            {i}
+``copy``            {j <= i : t[j] == t[i+1]} (the keys holding the token that comes next)
 ==================  ===============================================
 
 A head's score is the mean over eligible queries (i >= 1 and T(i) non-empty) of
-``sum_{j in T(i)} A[i, j]``; NaN when no query is eligible. ``entropy`` is the mean over rows
-i >= 1 of ``-sum_j A[i, j] log A[i, j]``.
+``sum_{j in T(i)} A[i, j]`` (``measure="mass"``) or of ``[argmax_j A[i, j] in T(i)]``
+(``measure="top1"``, ties to the lowest index); NaN when no query is eligible. ``entropy`` is
+the mean over rows i >= 1 of ``-sum_j A[i, j] log A[i, j]``.
+
+Spans: ``queries`` and ``keys`` (0/1 flags ``[n]`` or ``[lead[0], n]``) narrow what is scored:
+a query outside ``queries`` is not eligible; a key outside ``keys`` is dropped from every T(i)
+(not from ``bos``'s; and the argmax of ``top1`` still ranges over every key).
 
 Padding: with ``attention_mask`` (``[n]`` or ``[lead[0], n]``, 0 = padding) padding positions
 are neither queries nor targets: a padding query i is not eligible (nor counted by ``entropy``)
@@ -36,10 +42,10 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._arrays import as_count, as_float_array, as_key_mask, as_tokens, kernel_array
+from ._arrays import as_count, as_float_array, as_key_mask, as_measure, as_span, as_tokens, kernel_array
 
 DEFAULT_KINDS = ("previous_token", "duplicate_token", "induction")
-KINDS = ("previous_token", "duplicate_token", "induction", "bos", "self", "entropy")
+KINDS = ("previous_token", "duplicate_token", "induction", "copy", "bos", "self", "entropy")
 
 KindArg = Union[str, Sequence[str]]
 # One offset (``offsets=49``) or several (``offsets=(1, 49)``).
@@ -79,6 +85,9 @@ def head_scores(
     exclude_bos: bool = False,
     per_query: bool = False,
     attention_mask: Any = None,
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
 ) -> dict[str, np.ndarray]:
     """Scores of several kinds in one pass over the patterns.
 
@@ -87,10 +96,11 @@ def head_scores(
     patterns : array_like, shape (*lead, n, n)
         Attention patterns, query rows and key columns (bfloat16, float16/32/64, any strides).
     tokens : array_like of int, shape (n,) or (lead[0], n), optional
-        Token ids; needed by ``duplicate_token`` and ``induction``.
+        Token ids; needed by ``duplicate_token``, ``induction`` and ``copy``.
     kinds : str or sequence of str
-        Any of ``previous_token``, ``duplicate_token``, ``induction``, ``bos``, ``self``,
-        ``entropy``, ``offset_<d>``.
+        Any of ``previous_token``, ``duplicate_token``, ``induction``, ``copy``, ``bos``,
+        ``self``, ``entropy``, ``offset_<d>``. ``copy``: T(i) = {j <= i : t[j] == t[i+1]},
+        eligible for 1 <= i <= n-2 (with ``measure="top1"`` and spans: the retrieval score).
     offsets : iterable of int
         Extra positional kinds ``offset_<d>`` (T(i) = {i-d}), each in 1..n-1.
     exclude_bos : bool
@@ -108,6 +118,16 @@ def head_scores(
 
         With ``exclude_bos=True`` position 0 must be 1 in every prompt (BOS is position 0):
         left padding raises ValueError; pad on the right.
+    measure : {"mass", "top1"}
+        ``mass``: the attention mass on T(i), as above. ``top1``: 1 where the row's argmax key
+        (over keys j >= first_key that are not padding, ties to the lowest index) is in T(i),
+        else 0; a row with no positive entry there counts 0. ``entropy`` is unchanged. Reads
+        whole rows: O(n^2) per head.
+    queries, keys : array_like of 0/1 or bool, shape (n,) or (lead[0], n), optional
+        Spans, broadcast like ``tokens``. Queries outside ``queries`` are not eligible (for
+        every kind, ``entropy`` included); keys outside ``keys`` are dropped from every T(i)
+        (but ``bos``'s: whole-row statistics take ``queries`` only); the argmax of ``top1``
+        still ranges over all keys, so a head whose top key lies outside ``keys`` scores 0.
 
     Returns
     -------
@@ -137,6 +157,9 @@ def head_scores(
         bool(exclude_bos),
         bool(per_query),
         as_key_mask(attention_mask),
+        as_measure(measure),
+        as_span(queries, "queries"),
+        as_span(keys, "keys"),
     )
     return {name: values[i] for i, name in enumerate(names)}
 

@@ -7,11 +7,16 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import as_count, as_float_array, as_seed, as_tokens, kernel_array
+from ._arrays import as_count, as_float_array, as_tokens, kernel_array
+from .probes import repeated
 
 
 def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: Optional[int] = None, bos: Optional[int] = 0) -> np.ndarray:
     """BOS followed by a random block of ``period`` tokens repeated twice.
+
+    The tokens of :func:`induct_fast.probes.repeated` with ``repeats=2``:
+    ``repeated(batch, period, 2, vocab_size, seed=seed, bos=bos).tokens`` (that probe also
+    gives the spans to score, and other numbers of repeats).
 
     Returns
     -------
@@ -21,23 +26,7 @@ def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: Optional[
     block while the vocabulary allows it, so for every query of the repeated half the induction
     target is exactly offset ``period - 1`` and the duplicate-token target offset ``period``.
     """
-    batch, period, vocab_size = (as_count(v, name, 1) for v, name in ((batch, "batch"), (period, "period"), (vocab_size, "vocab_size")))
-    if bos is not None:
-        bos = as_count(bos, "bos", 0)
-    n_candidates = vocab_size - int(bos is not None and bos < vocab_size)
-    if n_candidates == 0:
-        raise ValueError(f"vocab_size: expected room for tokens other than bos={bos}, got {vocab_size}")
-    rng = np.random.default_rng(as_seed(seed))
-    # Draw from range(n_candidates) (O(period) memory whatever the vocabulary), then step over
-    # the BOS id.
-    distinct = period <= n_candidates
-    blocks = np.stack([rng.choice(n_candidates, size=period, replace=not distinct) for _ in range(batch)]).astype(np.int64)
-    if bos is not None:
-        blocks[blocks >= bos] += 1
-    parts = [blocks, blocks]
-    if bos is not None:
-        parts.insert(0, np.full((batch, 1), bos, dtype=np.int64))
-    return np.concatenate(parts, axis=1)
+    return repeated(batch, period, 2, vocab_size, seed=seed, bos=bos).tokens
 
 
 def token_losses(logits: Any, tokens: Any) -> np.ndarray:

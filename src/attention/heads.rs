@@ -305,7 +305,7 @@ fn check_finite<T: Real>(arg: &'static str, a: &ArrayViewD<'_, T>) -> Result<()>
 mod tests {
     use super::*;
     use crate::attention::{attention_patterns, scores_and_lse_from_qk, AttentionOptions, LseOptions};
-    use crate::scores::{Reduce, ScoreOptions};
+    use crate::scores::{Reduce, ScoreOptions, Spans};
     use crate::targets::Kind;
     use ndarray::{Array, ArrayD, IxDyn};
 
@@ -426,6 +426,7 @@ mod tests {
                 k.view(),
                 Some(tokens.view()),
                 None,
+                Spans::default(),
                 &kinds,
                 opts,
                 score,

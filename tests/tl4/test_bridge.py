@@ -113,3 +113,26 @@ def test_bridge_recomputes_and_refuses_via_lse():
     assert inf.scan_model(bridge, ids).meta["via"] == ["recompute", "recompute"]
     with pytest.raises(NotImplementedError, match="via: 'lse'"):
         inf.scan_model(bridge, ids, via="lse")
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gemma2-softcap"])
+def test_bridge_scan_model_takes_measure_copy_and_spans(family):
+    """top1 (the argmax of the logits) and spans through the bridge equal head_scores of its own
+    patterns; top-1 up to rows whose two largest probabilities are within 1e-5 (float32 ties)."""
+    bridge = bridge_of(family)
+    ids, mask = prompts(3)
+    _, cache = bridge.run_with_cache(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask))
+    patterns = stacked([cache["pattern", l] for l in range(bridge.cfg.n_layers)])
+    rng = np.random.default_rng(0)
+    queries, keys = rng.random(ids.shape) < 0.7, rng.random(ids.shape) < 0.6
+    top2 = -np.sort(-patterns.astype(np.float64), axis=-1)[..., :2]
+    ties = (top2[..., 1] >= top2[..., 0] * (1 - 1e-5)).mean(-1)
+    kinds = ("previous_token", "copy", "induction")
+    for measure in ("mass", "top1"):
+        options = dict(kinds=kinds, attention_mask=mask, measure=measure, queries=queries, keys=keys)
+        got = inf.scan_model(bridge, ids, **options).per_prompt
+        want = inf.head_scores(patterns, ids, **options)
+        for kind in kinds:
+            np.testing.assert_array_equal(np.isnan(got[kind]), np.isnan(want[kind]), err_msg=kind)
+            slack = 2e-5 + (ties if measure == "top1" else 0)
+            assert (np.nan_to_num(np.abs(got[kind] - want[kind])) <= slack).all(), (kind, measure)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from .._arrays import as_count, as_key_mask, as_tokens
+from .._arrays import as_count, as_key_mask, as_measure, as_span, as_tokens
 from ..results import HeadScores
 from ..scores import DEFAULT_KINDS, KindArg, OffsetArg, _kind_names
 from . import bridge, huggingface, transformer_lens
@@ -72,6 +72,9 @@ def scan_model(
     offsets: OffsetArg = (),
     exclude_bos: bool = False,
     attention_mask: Any = None,
+    measure: str = "mass",
+    queries: Any = None,
+    keys: Any = None,
     batch_size: Optional[int] = None,
     progress: bool = False,
     via: str = "auto",
@@ -97,6 +100,12 @@ def scan_model(
     attention_mask : array_like of 0/1, shape (batch, n), optional
         1 for real tokens, 0 for padding; passed to the model's forward, and padding positions are
         neither queries nor targets in the scores.
+    measure : {"mass", "top1"}
+        As in :func:`induct_fast.scores_from_qk`: ``top1`` is the argmax of each row's logits
+        (no softmax; the model's LSE is not needed, so ``via="lse"`` is refused).
+    queries, keys : array_like of 0/1, shape (n,) or (batch, n), optional
+        Spans, as in :func:`induct_fast.head_scores` (a probe from :mod:`induct_fast.probes`
+        carries them). They select what is scored, never what the model attends to.
     batch_size : int, optional
         Run the forward pass on at most this many prompts at a time (default: all at once).
     progress : bool
@@ -143,9 +152,13 @@ def scan_model(
         raise ValueError(f"via: expected one of {VIA}, got {via!r}")
     if via == "lse" and exclude_bos:
         raise ValueError("via: 'lse' cannot be combined with exclude_bos=True (the model's normaliser includes key 0)")
+    measure = as_measure(measure)
+    if via == "lse" and measure == "top1":
+        raise ValueError("via: 'lse' cannot be combined with measure='top1' (the argmax of the logits needs no normaliser)")
     names = _kind_names(kinds, offsets)
     ids = _as_ids(tokens)
     mask = _as_mask(attention_mask, ids.shape)
+    spans = {name: _as_span(span, name, ids.shape) for name, span in (("queries", queries), ("keys", keys))}
     size = ids.shape[0] if batch_size is None else as_count(batch_size, "batch_size", 1)
     n_layers = adapter.n_layers(model)
     starts = range(0, ids.shape[0], size)
@@ -157,7 +170,10 @@ def scan_model(
             for start in starts:
                 chunk = slice(start, start + size)
                 chunk_mask = None if mask is None else mask[chunk]
-                scorer = LayerScorer(n_layers, ids[chunk], chunk_mask, names, bool(exclude_bos), bar.step, via)
+                chunk_spans = {name: None if s is None else s[chunk] for name, s in spans.items()}
+                scorer = LayerScorer(
+                    n_layers, ids[chunk], chunk_mask, names, bool(exclude_bos), bar.step, via, measure, **chunk_spans
+                )
                 input_ids, torch_mask = _model_inputs(model, ids[chunk], chunk_mask)
                 adapter.run(model, input_ids, torch_mask, scorer, chunk_mask)
                 per_batch.append(scorer.per_prompt())
@@ -192,6 +208,18 @@ def _as_mask(attention_mask: Any, shape: tuple[int, ...]) -> Optional[np.ndarray
     if mask.shape != shape:
         raise ValueError(f"attention_mask: expected shape {shape} like tokens, got shape {mask.shape}")
     return np.ascontiguousarray(mask)
+
+
+def _as_span(span: Any, name: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    """A span `[batch, n]` (a shared `[n]` is repeated for every prompt, so batches can slice it)."""
+    if hasattr(span, "detach") and hasattr(span, "cpu"):
+        span = span.detach().cpu()
+    flags = as_span(span, name)
+    if flags is None:
+        return None
+    if flags.shape not in (shape, shape[1:]):
+        raise ValueError(f"{name}: expected shape {shape[1:]} or {shape} like tokens, got shape {flags.shape}")
+    return np.ascontiguousarray(np.broadcast_to(flags, shape))
 
 
 def _device(model: Any) -> Any:

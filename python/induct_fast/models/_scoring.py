@@ -107,6 +107,10 @@ class LayerScorer:
     exclude_bos : bool
     on_layer : callable, optional
         Called after each layer is scored (progress bars).
+    via : {"auto", "lse", "recompute"}
+    measure : {"mass", "top1"}
+    queries, keys : ndarray of bool, shape (batch, n), or None
+        The spans to score (see :func:`induct_fast.head_scores`).
     """
 
     def __init__(
@@ -118,6 +122,9 @@ class LayerScorer:
         exclude_bos: bool,
         on_layer: Optional[Callable[[], None]] = None,
         via: str = "auto",
+        measure: str = "mass",
+        queries: Optional[np.ndarray] = None,
+        keys: Optional[np.ndarray] = None,
     ):
         self.n_layers = n_layers
         self.tokens = tokens
@@ -126,6 +133,9 @@ class LayerScorer:
         self.exclude_bos = exclude_bos
         self.on_layer = on_layer
         self.via = via
+        self.measure = measure
+        self.queries = queries
+        self.keys = keys
         self.results: dict[int, dict[str, np.ndarray]] = {}
         self.routes: dict[int, str] = {}
 
@@ -133,8 +143,9 @@ class LayerScorer:
     def wants_lse(self) -> bool:
         """Whether adapters should take each row's log-sum-exp from the model's attention.
 
-        Not with exclude_bos: the model's normaliser includes key 0, the renormalised one not."""
-        return self.via != "recompute" and not self.exclude_bos
+        Not with exclude_bos: the model's normaliser includes key 0, the renormalised one not; not
+        with top-1, which needs no normaliser."""
+        return self.via != "recompute" and not self.exclude_bos and self.measure == "mass"
 
     def missing_lse(self, layer: int, why: str) -> None:
         """The model's LSE could not be had for ``layer``: fine under via="auto", an error under
@@ -165,6 +176,9 @@ class LayerScorer:
             attention_mask=self.attention_mask,
             layout=layout,
             exclude_bos=self.exclude_bos,
+            measure=self.measure,
+            queries=self.queries,
+            keys=self.keys,
             **options,
         )
         self.routes[layer] = "lse" if lse is not None else "recompute"

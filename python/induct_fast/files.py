@@ -15,7 +15,9 @@ Conventions (the same for :func:`induct_fast.scan` given a path and for ``induct
 ``.safetensors``
     The same two layouts, read through the ``safetensors`` package one layer (or one slice of a
     stacked tensor) at a time. bfloat16 tensors, which its numpy API refuses, are memory-mapped
-    from the file instead and read natively by the kernels.
+    from the file instead, as arrays of 2-byte elements of dtype ``[("bfloat16", "V2")]`` (the
+    package's bfloat16 view, which every induct_fast function reads natively; numpy arithmetic
+    refuses it, ``.view(ml_dtypes.bfloat16)`` gives the numbers).
 
 A key named ``tokens`` is never a layer: it holds the token ids ``[n]`` or ``[batch, n]`` the
 patterns were computed on, and scans use it unless tokens are given explicitly. ``key`` (a glob,

@@ -261,30 +261,26 @@ impl QkElement for f64 {
     }
 }
 
-/// f16 computes in f32: f16 GEMMs are not faster on CPUs without native f16 arithmetic, and f32
-/// keeps the logits accurate.
-impl QkElement for half::f16 {
-    type Compute = f32;
-    fn source(view: ArrayViewD<'_, half::f16>) -> Source<'_, half::f16, f32> {
-        Source::Narrow(view)
-    }
-    #[inline(always)]
-    fn to_compute(self) -> f32 {
-        half::f16::to_f32(self)
-    }
+/// f16 and bf16 compute in f32 (converted per head, see [`Source::Narrow`]): half-precision
+/// GEMMs are not faster on CPUs without native half arithmetic, and f32 keeps the logits
+/// accurate (PyTorch's CPU attention does the same for bf16 models).
+macro_rules! narrow_element {
+    ($t:ty, $to_f32:path) => {
+        impl QkElement for $t {
+            type Compute = f32;
+            fn source(view: ArrayViewD<'_, $t>) -> Source<'_, $t, f32> {
+                Source::Narrow(view)
+            }
+            #[inline(always)]
+            fn to_compute(self) -> f32 {
+                $to_f32(self)
+            }
+        }
+    };
 }
 
-/// bf16 computes in f32, like f16 (and like PyTorch's CPU attention for bf16 models).
-impl QkElement for half::bf16 {
-    type Compute = f32;
-    fn source(view: ArrayViewD<'_, half::bf16>) -> Source<'_, half::bf16, f32> {
-        Source::Narrow(view)
-    }
-    #[inline(always)]
-    fn to_compute(self) -> f32 {
-        crate::stack::bf16_to_f32(self)
-    }
-}
+narrow_element!(half::f16, half::f16::to_f32);
+narrow_element!(half::bf16, crate::stack::bf16_to_f32);
 
 #[cfg(test)]
 mod tests {

@@ -212,7 +212,7 @@ pub enum HeadMatrix<'s, C> {
 impl<C> HeadMatrix<'_, C> {
     pub fn view(&self) -> ArrayView2<'_, C> {
         match self {
-            HeadMatrix::Borrowed(v) => v.clone(),
+            HeadMatrix::Borrowed(v) => *v,
             HeadMatrix::Converted(a) => a.view(),
         }
     }

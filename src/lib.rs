@@ -22,6 +22,6 @@ pub use attention::{
 pub use error::{Error, Result};
 pub use losses::token_losses;
 pub use scores::{
-    detection_scores, head_scores, per_query_scores, Detection, DetectionOptions, Measure, Reduce, ScoreOptions,
+    detection_scores, detection_scores_of_kinds, head_scores, per_query_scores, Detection, DetectionOptions, Measure, Reduce, ScoreOptions,
 };
 pub use targets::Kind;

@@ -32,14 +32,15 @@ def head_scores(
 
 def detection_scores(
     patterns: npt.NDArray[np.floating],
-    kind: Optional[str],
+    kinds: Optional[list[str]],
     matrices: Optional[npt.NDArray[np.float64]],
     tokens: Optional[npt.NDArray[np.int64]],
     measure: str,
     exclude_bos: bool,
     exclude_current_token: bool,
 ) -> npt.NDArray[np.float64]:
-    """[*lead] TransformerLens head_detector scores against a kind or explicit matrices."""
+    """TransformerLens head_detector scores: [len(kinds), *lead] against kind names (one pass for
+    all), or [*lead] against explicit matrices."""
 
 def attention_patterns(
     q: npt.NDArray[np.floating],

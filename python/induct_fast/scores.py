@@ -30,7 +30,7 @@ and a padding key j is dropped from every T(i).
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union, overload
 
 import numpy as np
 
@@ -180,6 +180,19 @@ def offset_scores(patterns: Any, offset: int, *, exclude_bos: bool = False, per_
     return head_scores(patterns, kinds=names, exclude_bos=exclude_bos, per_query=per_query)[names[0]]
 
 
+@overload
+def detection_scores(
+    patterns: Any,
+    detection: Union[list[str], tuple[str, ...]],
+    *,
+    tokens: Any = None,
+    measure: str = "mul",
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+) -> dict[str, np.ndarray]: ...
+
+
+@overload
 def detection_scores(
     patterns: Any,
     detection: Any,
@@ -188,16 +201,29 @@ def detection_scores(
     measure: str = "mul",
     exclude_bos: bool = False,
     exclude_current_token: bool = False,
-) -> np.ndarray:
+) -> np.ndarray: ...
+
+
+def detection_scores(
+    patterns: Any,
+    detection: Any,
+    *,
+    tokens: Any = None,
+    measure: str = "mul",
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
+) -> Union[np.ndarray, dict[str, np.ndarray]]:
     """TransformerLens ``head_detector`` scores, shape ``lead``.
 
     Parameters
     ----------
     patterns : array_like, shape (*lead, n, n)
-    detection : str or array_like, shape (n, n) or (..., n, n)
+    detection : str, list or tuple of str, or array_like, shape (n, n) or (..., n, n)
         A kind name (``previous_token``, ``duplicate_token``, ``induction``, ``bos``, ``self``,
-        ``offset_<d>``; its 0/1 matrix D is the T(i) table) or explicit matrices D, broadcast
-        against the leading axes of ``patterns`` the numpy way. Any finite values are allowed.
+        ``offset_<d>``; its 0/1 matrix D is the T(i) table); a list or tuple of kind names,
+        scored together in one pass over the patterns; or explicit matrices D, broadcast
+        against the leading axes of ``patterns`` the numpy way (any finite values). Kind names
+        and explicit matrices cannot be mixed in one call.
     tokens : array_like of int, shape (n,) or (lead[0], n), optional
         Needed by token kinds.
     measure : {"mul", "abs"}
@@ -206,25 +232,44 @@ def detection_scores(
         ``abs`` = 1 - sum(E) / n with E = |A - D| zeroed the same way. TransformerLens rounds
         ``abs`` to 3 decimals; we return the exact value.
 
-    Every entry that enters the formula is read (one streaming pass per head); NaN or inf there
-    raises ValueError (zeroed columns are not read).
+    Returns
+    -------
+    ndarray of float64, shape ``lead`` (a numpy scalar for one [n, n] pattern), or for a list
+    or tuple of kinds a dict of kind name to such an array (duplicates dropped, order kept),
+    each value identical, bit for bit, to the call with that kind alone.
+
+    Every entry that enters the formula is read (one streaming pass per head, shared by every
+    kind of a list: k kinds cost little more than one); NaN or inf there raises ValueError
+    (zeroed columns are not read).
     """
     if not isinstance(measure, str):
         raise TypeError(f"measure: expected \"mul\" or \"abs\", got {measure!r}")
+    names: Optional[list[str]] = None
+    matrices = None
     if isinstance(detection, str):
-        kind, matrices = detection, None
+        names = [detection]
+    elif isinstance(detection, (list, tuple)) and any(isinstance(k, str) for k in detection):
+        bad = [k for k in detection if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"detection: expected kind names (str) such as {KINDS[:3]}, or one array, got {type(bad[0]).__name__} among kind names")
+        names = list(dict.fromkeys(detection))
     else:
-        kind, matrices = None, _detection_matrices(detection, patterns)
+        matrices = _detection_matrices(detection, patterns)
     scores = _core.detection_scores(
         as_float_array(patterns, "patterns"),
-        kind,
+        names,
         matrices,
         as_tokens(tokens),
         measure,
         bool(exclude_bos),
         bool(exclude_current_token),
     )
-    return scores[()]  # a numpy scalar for a single [n, n] pattern, like head_scores
+    # numpy scalars for a single [n, n] pattern, like head_scores
+    if names is None:
+        return scores[()]
+    if isinstance(detection, str):
+        return scores[0][()]
+    return {name: scores[k][()] for k, name in enumerate(names)}
 
 
 def _detection_matrices(detection: Any, patterns: Any) -> np.ndarray:

@@ -233,17 +233,8 @@ pub(crate) mod lanes {
     /// 2^(j/4), j = 0..3.
     const TABLE: [f64; 4] = [1.0, 1.189_207_115_002_721_066_7, std::f64::consts::SQRT_2, 1.681_792_830_507_429_086_1];
     /// 1/k!, k = 8 down to 0.
-    const TAYLOR: [f64; 9] = [
-        1.0 / 40_320.0,
-        1.0 / 5_040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
+    const TAYLOR: [f64; 9] =
+        [1.0 / 40_320.0, 1.0 / 5_040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
     /// e^d for [`UNROLL`] vectors of 4 lanes of d <= 0 (see the module notes), each step applied
     /// to every vector before the next; NaN stays NaN.
@@ -368,7 +359,9 @@ mod tests {
         for len in [1, 5, 15, 16, 17, 31, 33, F32_CHUNK - 1, F32_CHUNK, F32_CHUNK + 1, 3 * F32_CHUNK + 37] {
             for (scale, peak) in [(0.1f32, 30.0f32), (3.0, 0.0), (1e4, 0.0), (3e37, 3e38)] {
                 let x: Vec<f32> = (0..len)
-                    .map(|i| ((i * 7919 % 1009) as f32 - 500.0) / 500.0 * scale + if i == len * 2 / 3 { peak } else { 0.0 })
+                    .map(|i| {
+                        ((i * 7919 % 1009) as f32 - 500.0) / 500.0 * scale + if i == len * 2 / 3 { peak } else { 0.0 }
+                    })
                     .collect();
                 let wide: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
                 let want = naive_lse(&wide);

@@ -18,6 +18,7 @@ use std::ops::Range;
 use ndarray::{ArrayD, ArrayView1, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
+use crate::diagonals;
 use crate::error::{shape_str, Error, Result};
 use crate::stack::{group_of_heads, Matrix, MatrixStack, PositionMask, Real};
 use crate::targets::{Kind, SparseRows, Targets, TokenChain};
@@ -80,6 +81,13 @@ fn stored_scores<T: Real>(
 ) -> Result<ArrayD<f64>> {
     let stack = MatrixStack::new("patterns", patterns)?;
     let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, stack.lead(), stack.n(), "the patterns", options)?;
+    // Positional kinds only (the predicate says which requests): a strided kernel with the same
+    // blocks, sums and errors as the general path below, bit for bit, without its per-block
+    // bookkeeping (src/diagonals.rs).
+    if diagonals::positional_fast_path(kinds) {
+        let valid = |h: usize| plan.mask.as_ref().map(|m| m.row(h));
+        return diagonals::positional_scores(&stack, kinds, valid, options, reduce);
+    }
     plan.run(
         BLOCK_ROWS,
         reduce,
@@ -239,6 +247,11 @@ fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize,
             total.1 += count;
         }
     }
+    means_of_totals(totals, n_heads)
+}
+
+/// The means of `[kinds, heads]` (sum, count) totals, each summed from 0.0 in block order.
+pub(crate) fn means_of_totals(totals: Vec<(f64, usize)>, n_heads: usize) -> Result<Vec<f64>> {
     if let Some(k) = totals.iter().position(|(sum, _)| !sum.is_finite()) {
         return Err(overflow("patterns", format!("the sum over the queries of head {} (flat)", k % n_heads.max(1))));
     }
@@ -295,7 +308,7 @@ fn row_blocks(n_heads: usize, n: usize, block_rows: usize) -> Vec<(usize, Range<
     (0..n_heads).flat_map(|h| (0..n).step_by(block_rows).map(move |s| (h, s..(s + block_rows).min(n)))).collect()
 }
 
-fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize, v: f64) -> Error {
+pub(crate) fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize, v: f64) -> Error {
     Error::invalid("patterns", "finite values", format!("{v} at index {}", stack.index_str(h, i, j)))
 }
 
@@ -316,7 +329,7 @@ fn first_non_finite<T: Real>(
 }
 
 /// Finite values whose sum (or product) overflowed to infinity.
-fn overflow(arg: &'static str, place: String) -> Error {
+pub(crate) fn overflow(arg: &'static str, place: String) -> Error {
     Error::invalid(
         arg,
         "values small enough that their sums and products stay finite",
@@ -591,7 +604,8 @@ pub fn detection_scores<T: Real>(
         .map(|g| SparseRows::from_dense("detection", matrices.head(g)))
         .collect::<Result<Vec<_>>>()?;
     // Products with explicit weights can overflow: the detection matrices are to blame.
-    let scores = detection_pass(&stack, 1, |h| vec![Targets::Sparse(&sparse[group_of[h]])], measure, options, "detection")?;
+    let scores =
+        detection_pass(&stack, 1, |h| vec![Targets::Sparse(&sparse[group_of[h]])], measure, options, "detection")?;
     Ok(ArrayD::from_shape_vec(IxDyn(stack.lead()), scores).expect("one score per head"))
 }
 
@@ -610,7 +624,8 @@ pub fn detection_scores_of_kinds<T: Real>(
         return Err(Error::invalid("detection", "a target kind or a 0/1 array", "\"entropy\""));
     }
     // One target table per group of heads (a token row); tokens are checked even when unused.
-    let plan = QueryPlan::new(kinds, tokens.as_ref(), None, stack.lead(), stack.n(), "the patterns", ScoreOptions::default())?;
+    let plan =
+        QueryPlan::new(kinds, tokens.as_ref(), None, stack.lead(), stack.n(), "the patterns", ScoreOptions::default())?;
     let targets_of = |h: usize| {
         let chain = plan.chains.get(plan.group_of[h]);
         kinds.iter().map(|&k| Targets::of_kind(k, chain).expect("not entropy")).collect()

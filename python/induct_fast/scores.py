@@ -177,7 +177,9 @@ def offset_scores(patterns: Any, offset: int, *, exclude_bos: bool = False, per_
     ``offset`` must be in 1..n-1.
     """
     names = _kind_names((), (offset,))
-    return head_scores(patterns, kinds=names, exclude_bos=exclude_bos, per_query=per_query)[names[0]]
+    # Straight to the kernel (a few microseconds less than through head_scores: small stacks
+    # take tens of microseconds in all).
+    return _core.head_scores(as_float_array(patterns, "patterns"), None, names, bool(exclude_bos), bool(per_query), None)[0]
 
 
 @overload

@@ -133,18 +133,26 @@ fn row_loss_fn<T: Real>() -> RowLoss<T> {
     row_loss::<T, false>
 }
 
-/// A contiguous row of a type with an f32 view through [`lanes::lse_f32`] (f32 lanes, AVX2 and
-/// FMA: chosen only on CPUs that have them); other rows through the generic kernel.
+/// A row of a type with an f32 view through [`lanes::lse_f32`] (f32 lanes, AVX2 and FMA: chosen
+/// only on CPUs that have them). A strided row is copied first, so that every layout of the same
+/// values gives the same bits.
 #[cfg(target_arch = "x86_64")]
 fn row_loss_lanes<T: Real>(row: ArrayView1<'_, T>, target: usize) -> Option<f64> {
-    if let Some(values) = row.as_slice() {
-        // SAFETY: `row_loss_fn` picks this function only where `level` found AVX2 and FMA.
-        if let Some((lse, finite)) = unsafe { lanes::lse_f32(values) } {
-            return finite.then(|| lse - values[target].to_f64());
+    let copy;
+    let values = match row.as_slice() {
+        Some(values) => values,
+        None => {
+            copy = row.to_vec();
+            &copy
         }
+    };
+    // SAFETY: `row_loss_fn` picks this function only where `level` found AVX2 and FMA.
+    match unsafe { lanes::lse_f32(values) } {
+        Some((lse, finite)) => finite.then(|| lse - values[target].to_f64()),
+        // Not reached: `row_loss_fn` checked that T has an f32 view.
+        // SAFETY: as above.
+        None => unsafe { row_loss_avx2(row, target) },
     }
-    // SAFETY: as above.
-    unsafe { row_loss_avx2(row, target) }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -179,7 +179,8 @@ def offset_scores(patterns: Any, offset: int, *, exclude_bos: bool = False, per_
     names = _kind_names((), (offset,))
     # Straight to the kernel (a few microseconds less than through head_scores: small stacks
     # take tens of microseconds in all).
-    return _core.head_scores(as_float_array(patterns, "patterns"), None, names, bool(exclude_bos), bool(per_query), None)[0]
+    values: np.ndarray = _core.head_scores(as_float_array(patterns, "patterns"), None, names, bool(exclude_bos), bool(per_query), None)[0]
+    return values
 
 
 @overload
@@ -269,9 +270,8 @@ def detection_scores(
     # numpy scalars for a single [n, n] pattern, like head_scores
     if names is None:
         return scores[()]
-    if isinstance(detection, str):
-        return scores[0][()]
-    return {name: scores[k][()] for k, name in enumerate(names)}
+    per_kind: dict[str, np.ndarray] = {name: scores[k][()] for k, name in enumerate(names)}
+    return per_kind[names[0]] if isinstance(detection, str) else per_kind
 
 
 def _detection_matrices(detection: Any, patterns: Any) -> np.ndarray:

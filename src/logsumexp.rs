@@ -196,13 +196,12 @@ pub(crate) mod lanes {
             // never faults, even past the end of the row.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + F32_CHUNK) as *const i8);
             let mut d = [_mm256_setzero_pd(); UNROLL];
-            for u in 0..UNROLL {
+            for (u, du) in d.iter_mut().enumerate() {
                 // SAFETY: i + 4u + 4 <= n, inside the slice.
-                d[u] = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p.add(i + 4 * u))), mv);
+                *du = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p.add(i + 4 * u))), mv);
             }
-            let e = exp4(d);
-            for u in 0..UNROLL {
-                acc[u] = _mm256_add_pd(acc[u], e[u]);
+            for (a, e) in acc.iter_mut().zip(exp4(d)) {
+                *a = _mm256_add_pd(*a, e);
             }
             i += 4 * UNROLL;
         }
@@ -231,7 +230,7 @@ pub(crate) mod lanes {
     const LN2_4_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000) / 4.0;
     const LN2_4_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76) / 4.0;
     /// 2^(j/4), j = 0..3.
-    const TABLE: [f64; 4] = [1.0, 1.189_207_115_002_721_066_7, std::f64::consts::SQRT_2, 1.681_792_830_507_429_086_1];
+    const TABLE: [f64; 4] = [1.0, 1.189_207_115_002_721, std::f64::consts::SQRT_2, 1.681_792_830_507_429];
     /// 1/k!, k = 8 down to 0.
     const TAYLOR: [f64; 9] =
         [1.0 / 40_320.0, 1.0 / 5_040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];

@@ -129,10 +129,19 @@ pub(crate) mod lanes {
     /// The CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn lse_f32<T: Real>(row: &[T]) -> Option<(f64, bool)> {
-        let mut buf = [0.0f32; F32_CHUNK];
+        // Room to convert narrower types into (f32 rows are read in place); short rows need
+        // less than a chunk, and zeroing 8 KB would cost them more than their exps.
+        let (mut short, mut long);
+        let buf: &mut [f32] = if row.len() <= 64 {
+            short = [0.0f32; 64];
+            &mut short
+        } else {
+            long = [0.0f32; F32_CHUNK];
+            &mut long
+        };
         let (mut max, mut sum) = (f64::NEG_INFINITY, 0.0f64);
         for chunk in row.chunks(F32_CHUNK) {
-            let x = T::as_f32(chunk, &mut buf)?;
+            let x = T::as_f32(chunk, buf)?;
             let (m, finite) = max_and_check(x);
             if !finite {
                 return Some((f64::NAN, false));

@@ -167,14 +167,15 @@ fn head_scores<'py>(
     Ok(result.into_pyarray(py))
 }
 
-/// TransformerLens `head_detector` scores `[*lead]` against a kind or explicit matrices.
+/// TransformerLens `head_detector` scores: `[len(kinds), *lead]` against kinds (one pass for
+/// all of them), or `[*lead]` against explicit matrices.
 #[pyfunction]
-#[pyo3(signature = (patterns, kind, matrices, tokens, measure, exclude_bos, exclude_current_token))]
+#[pyo3(signature = (patterns, kinds, matrices, tokens, measure, exclude_bos, exclude_current_token))]
 #[allow(clippy::too_many_arguments)]
 fn detection_scores<'py>(
     py: Python<'py>,
     patterns: FloatArray<'py>,
-    kind: Option<String>,
+    kinds: Option<Vec<String>>,
     matrices: Option<PyReadonlyArrayDyn<'py, f64>>,
     tokens: Option<PyReadonlyArrayDyn<'py, i64>>,
     measure: &str,
@@ -182,21 +183,32 @@ fn detection_scores<'py>(
     exclude_current_token: bool,
 ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
     let measure: Measure = measure.parse().map_err(value_error)?;
-    let detection = match (kind, &matrices) {
-        (Some(k), None) => Detection::Kind(k.parse().map_err(|_| {
-            value_error(Error::invalid(
-                "detection",
-                format!("a kind ({}) or a 0/1 array", Kind::NAMES),
-                format!("{k:?}"),
-            ))
-        })?),
-        (None, Some(m)) => Detection::Matrices(m.as_array()),
-        _ => return Err(PyValueError::new_err("detection: expected exactly one of a kind name or an array")),
-    };
     let tokens = tokens.as_ref().map(|t| t.as_array());
     let options = DetectionOptions { exclude_bos, exclude_current_token };
-    let result = with_view!(&patterns, |view| py
-        .detach(|| scores::detection_scores(view, detection, tokens, measure, options)))
+    let result = match (kinds, &matrices) {
+        (Some(names), None) => {
+            let kinds = names
+                .iter()
+                .map(|k| {
+                    k.parse::<Kind>().map_err(|_| {
+                        value_error(Error::invalid(
+                            "detection",
+                            format!("a kind ({}) or a 0/1 array", Kind::NAMES),
+                            format!("{k:?}"),
+                        ))
+                    })
+                })
+                .collect::<PyResult<Vec<Kind>>>()?;
+            with_view!(&patterns, |view| py
+                .detach(|| scores::detection_scores_of_kinds(view, &kinds, tokens, measure, options)))
+        }
+        (None, Some(m)) => {
+            let detection = Detection::Matrices(m.as_array());
+            with_view!(&patterns, |view| py
+                .detach(|| scores::detection_scores(view, detection, tokens, measure, options)))
+        }
+        _ => return Err(PyValueError::new_err("detection: expected exactly one of kind names or an array")),
+    }
     .map_err(value_error)?;
     Ok(result.into_pyarray(py))
 }

@@ -4,6 +4,7 @@
 //! `cargo test` alone; `bindings` (feature `python`) is the only code that knows about Python.
 
 pub mod attention;
+mod diagonals;
 pub mod error;
 pub mod logsumexp;
 pub mod losses;
@@ -22,6 +23,7 @@ pub use attention::{
 pub use error::{Error, Result};
 pub use losses::token_losses;
 pub use scores::{
-    detection_scores, head_scores, per_query_scores, Detection, DetectionOptions, Measure, Reduce, ScoreOptions,
+    detection_scores, detection_scores_of_kinds, head_scores, per_query_scores, Detection, DetectionOptions, Measure,
+    Reduce, ScoreOptions,
 };
 pub use targets::Kind;

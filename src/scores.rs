@@ -18,6 +18,7 @@ use std::ops::Range;
 use ndarray::{ArrayD, ArrayView1, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
+use crate::diagonals;
 use crate::error::{shape_str, Error, Result};
 use crate::stack::{group_of_heads, Matrix, MatrixStack, PositionMask, Real};
 use crate::targets::{Kind, SparseRows, Targets, TokenChain};
@@ -120,7 +121,15 @@ fn stored_scores<'m, T: Real>(
     reduce: Reduce,
 ) -> Result<ArrayD<f64>> {
     let stack = MatrixStack::new("patterns", patterns)?;
+    // Positional kinds of mass without spans only (the predicate says which requests): a strided
+    // kernel with the same blocks, sums and errors as the general path below, bit for bit,
+    // without its per-block bookkeeping (src/diagonals.rs).
+    let fast = diagonals::positional_fast_path(kinds, options, &spans);
     let plan = QueryPlan::new(kinds, tokens.as_ref(), mask, spans, stack.lead(), stack.n(), "the patterns", options)?;
+    if fast {
+        let valid = |h: usize| plan.mask.as_ref().map(|m| m.row(h));
+        return diagonals::positional_scores(&stack, kinds, valid, options, reduce);
+    }
     plan.run(
         BLOCK_ROWS,
         reduce,
@@ -311,6 +320,11 @@ fn means(blocks: &[(usize, Range<usize>)], partials: &[Partial], n_kinds: usize,
             total.1 += count;
         }
     }
+    means_of_totals(totals, n_heads)
+}
+
+/// The means of `[kinds, heads]` (sum, count) totals, each summed from 0.0 in block order.
+pub(crate) fn means_of_totals(totals: Vec<(f64, usize)>, n_heads: usize) -> Result<Vec<f64>> {
     if let Some(k) = totals.iter().position(|(sum, _)| !sum.is_finite()) {
         return Err(overflow("patterns", format!("the sum over the queries of head {} (flat)", k % n_heads.max(1))));
     }
@@ -367,7 +381,7 @@ fn row_blocks(n_heads: usize, n: usize, block_rows: usize) -> Vec<(usize, Range<
     (0..n_heads).flat_map(|h| (0..n).step_by(block_rows).map(move |s| (h, s..(s + block_rows).min(n)))).collect()
 }
 
-fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize, v: f64) -> Error {
+pub(crate) fn non_finite<T: Real>(stack: &MatrixStack<'_, T>, h: usize, i: usize, j: usize, v: f64) -> Error {
     Error::invalid("patterns", "finite values", format!("{v} at index {}", stack.index_str(h, i, j)))
 }
 
@@ -388,7 +402,7 @@ fn first_non_finite<T: Real>(
 }
 
 /// Finite values whose sum (or product) overflowed to infinity.
-fn overflow(arg: &'static str, place: String) -> Error {
+pub(crate) fn overflow(arg: &'static str, place: String) -> Error {
     Error::invalid(
         arg,
         "values small enough that their sums and products stay finite",
@@ -695,93 +709,124 @@ pub fn detection_scores<T: Real>(
     measure: Measure,
     options: DetectionOptions,
 ) -> Result<ArrayD<f64>> {
+    let d = match detection {
+        Detection::Kind(kind) => {
+            let all = detection_scores_of_kinds(patterns, &[kind], tokens, measure, options)?;
+            return Ok(all.index_axis_move(ndarray::Axis(0), 0));
+        }
+        Detection::Matrices(d) => d,
+    };
     let stack = MatrixStack::new("patterns", patterns)?;
     let n = stack.n();
-    // One target table per group of heads: a token row, or one explicit matrix.
-    let kinds: Vec<Kind>;
-    let (kind, plan, sparse, group_of) = match detection {
-        Detection::Kind(Kind::Entropy) => {
-            return Err(Error::invalid("detection", "a target kind or a 0/1 array", "\"entropy\""))
-        }
-        Detection::Kind(kind) => {
-            kinds = vec![kind];
-            let plan = QueryPlan::new(
-                &kinds,
-                tokens.as_ref(),
-                None,
-                Spans::default(),
-                stack.lead(),
-                n,
-                "the patterns",
-                ScoreOptions::default(),
-            )?;
-            let group_of = plan.group_of.clone();
-            (Some(kind), Some(plan), Vec::new(), group_of)
-        }
-        Detection::Matrices(d) => {
-            let matrices = MatrixStack::new("detection", d)?;
-            if matrices.n() != n {
-                return Err(Error::invalid(
-                    "detection",
-                    format!("matrices of shape ({n}, {n}) like the patterns"),
-                    format!("({0}, {0})", matrices.n()),
-                ));
-            }
-            let group_of = group_of_heads("detection", stack.lead(), matrices.lead())?;
-            let sparse = (0..matrices.n_heads())
-                .map(|g| SparseRows::from_dense("detection", matrices.head(g)))
-                .collect::<Result<Vec<_>>>()?;
-            (None, None, sparse, group_of)
-        }
-    };
-    // Products with explicit weights can overflow; with a kind only the patterns are to blame.
-    let weights_arg = if kind.is_some() { "patterns" } else { "detection" };
-    let targets_of = |h: usize| match (kind, &plan) {
-        (Some(kind), Some(plan)) => Targets::of_kind(kind, plan.chains.get(group_of[h])).expect("not entropy"),
-        _ => Targets::Sparse(&sparse[group_of[h]]),
-    };
+    let matrices = MatrixStack::new("detection", d)?;
+    if matrices.n() != n {
+        return Err(Error::invalid(
+            "detection",
+            format!("matrices of shape ({n}, {n}) like the patterns"),
+            format!("({0}, {0})", matrices.n()),
+        ));
+    }
+    let group_of = group_of_heads("detection", stack.lead(), matrices.lead())?;
+    let sparse = (0..matrices.n_heads())
+        .map(|g| SparseRows::from_dense("detection", matrices.head(g)))
+        .collect::<Result<Vec<_>>>()?;
+    // Products with explicit weights can overflow: the detection matrices are to blame.
+    let scores =
+        detection_pass(&stack, 1, |h| vec![Targets::Sparse(&sparse[group_of[h]])], measure, options, "detection")?;
+    Ok(ArrayD::from_shape_vec(IxDyn(stack.lead()), scores).expect("one score per head"))
+}
 
-    let blocks = row_blocks(stack.n_heads(), n, BLOCK_ROWS);
-    let partials: Vec<(f64, f64)> = threads::install(|| {
+/// [`detection_scores`] of several kinds at once, shape `[kinds.len(), *lead]`, in one pass over
+/// the patterns: the row sums (the whole cost) are shared, each kind only adds its targets.
+/// Each kind's value is bit for bit the one a call with that kind alone gives.
+pub fn detection_scores_of_kinds<T: Real>(
+    patterns: ArrayViewD<'_, T>,
+    kinds: &[Kind],
+    tokens: Option<ArrayViewD<'_, i64>>,
+    measure: Measure,
+    options: DetectionOptions,
+) -> Result<ArrayD<f64>> {
+    let stack = MatrixStack::new("patterns", patterns)?;
+    if kinds.contains(&Kind::Entropy) {
+        return Err(Error::invalid("detection", "a target kind or a 0/1 array", "\"entropy\""));
+    }
+    // One target table per group of heads (a token row); tokens are checked even when unused.
+    let plan = QueryPlan::new(
+        kinds,
+        tokens.as_ref(),
+        None,
+        Spans::default(),
+        stack.lead(),
+        stack.n(),
+        "the patterns",
+        ScoreOptions::default(),
+    )?;
+    let targets_of = |h: usize| {
+        let chain = plan.chains.get(plan.group_of[h]);
+        kinds.iter().map(|&k| Targets::of_kind(k, chain).expect("not entropy")).collect()
+    };
+    // With 0/1 kinds only the patterns can overflow a product.
+    let scores = detection_pass(&stack, kinds.len(), targets_of, measure, options, "patterns")?;
+    let mut shape = vec![kinds.len()];
+    shape.extend_from_slice(stack.lead());
+    Ok(ArrayD::from_shape_vec(IxDyn(&shape), scores).expect("one score per kind and head"))
+}
+
+/// Scores `[n_targets, heads]` (flat) of every head against the `n_targets` target tables
+/// `targets_of(h)` gives for it, blocks of [`BLOCK_ROWS`] rows in parallel, combined in order.
+fn detection_pass<'t, T: Real>(
+    stack: &MatrixStack<'_, T>,
+    n_targets: usize,
+    targets_of: impl Fn(usize) -> Vec<Targets<'t>> + Sync,
+    measure: Measure,
+    options: DetectionOptions,
+    weights_arg: &'static str,
+) -> Result<Vec<f64>> {
+    let (n, n_heads) = (stack.n(), stack.n_heads());
+    let blocks = row_blocks(n_heads, n, BLOCK_ROWS);
+    let partials: Vec<Vec<(f64, f64)>> = threads::install(|| {
         blocks
             .par_iter()
-            .map(|(h, rows)| detection_rows(&stack, *h, rows.clone(), &targets_of(*h), measure, options, weights_arg))
+            .map(|(h, rows)| detection_rows(stack, *h, rows.clone(), &targets_of(*h), measure, options, weights_arg))
             .collect::<Result<_>>()
     })?;
-
-    let mut totals = vec![(0.0, 0.0); stack.n_heads()];
-    for ((h, _), (x, y)) in blocks.iter().zip(partials) {
-        totals[*h].0 += x;
-        totals[*h].1 += y;
+    let mut totals = vec![(0.0, 0.0); n_targets * n_heads];
+    for ((h, _), partial) in blocks.iter().zip(partials) {
+        for (k, (x, y)) in partial.into_iter().enumerate() {
+            totals[k * n_heads + h].0 += x;
+            totals[k * n_heads + h].1 += y;
+        }
     }
-    if let Some(h) = totals.iter().position(|(x, y)| !(x.is_finite() && y.is_finite())) {
+    if let Some(at) = totals.iter().position(|(x, y)| !(x.is_finite() && y.is_finite())) {
+        let h = at % n_heads;
         return Err(overflow(weights_arg, format!("the sums over the rows of head {}", stack.lead_str(h))));
     }
-    let scores = totals
+    Ok(totals
         .into_iter()
         .map(|(x, y)| match measure {
             Measure::Mul => x / y,
             Measure::Abs => 1.0 - x / n as f64,
         })
-        .collect();
-    Ok(ArrayD::from_shape_vec(IxDyn(stack.lead()), scores).expect("one score per head"))
+        .collect())
 }
 
-/// For rows of one head: (sum(A' * D), sum(A')) for `mul`, (sum |A - D| zeroed, 0) for `abs`.
+/// For rows of one head, per target table: (sum(A' * D), sum(A')) for `mul`, (sum |A - D|
+/// zeroed, 0) for `abs`. The kept row sum, the only O(n) work per row, is computed once for all
+/// tables; each table's sums follow the same order as when it is alone.
 fn detection_rows<T: Real>(
     stack: &MatrixStack<'_, T>,
     h: usize,
     rows: Range<usize>,
-    targets: &Targets,
+    targets: &[Targets],
     measure: Measure,
     options: DetectionOptions,
     weights_arg: &'static str,
-) -> Result<(f64, f64)> {
+) -> Result<Vec<(f64, f64)>> {
     let a = stack.head(h);
     let n = stack.n();
     let first = usize::from(options.exclude_bos);
     let zeroed = |i: usize, j: usize| j < first || (options.exclude_current_token && j == i);
-    let (mut matched_total, mut row_total) = (0.0, 0.0);
+    let mut totals = vec![(0.0, 0.0); targets.len()];
     let abs = measure == Measure::Abs;
     for i in rows {
         // Sum only the kept entries: subtracting the zeroed ones from a full sum would cancel
@@ -794,29 +839,31 @@ fn detection_rows<T: Real>(
         if !kept.is_finite() {
             return Err(first_non_finite(stack, &a, h, i, (0..n).filter(|&j| !zeroed(i, j))));
         }
-        // Entries read below are finite: the kept sum was.
-        let mut matched = 0.0;
-        targets.for_each(i, |j, w| {
-            if !zeroed(i, j) {
-                let v = a.get(i, j).to_f64();
-                matched += if abs { (v - w).abs() - v.abs() } else { v * w };
+        for (t, total) in targets.iter().zip(totals.iter_mut()) {
+            // Entries read here are finite: the kept sum was.
+            let mut matched = 0.0;
+            t.for_each(i, |j, w| {
+                if !zeroed(i, j) {
+                    let v = a.get(i, j).to_f64();
+                    matched += if abs { (v - w).abs() - v.abs() } else { v * w };
+                }
+            });
+            if !matched.is_finite() {
+                return Err(overflow(
+                    weights_arg,
+                    format!("comparing row {i} of head {} with the detection pattern", stack.lead_str(h)),
+                ));
             }
-        });
-        if !matched.is_finite() {
-            return Err(overflow(
-                weights_arg,
-                format!("comparing row {i} of head {} with the detection pattern", stack.lead_str(h)),
-            ));
-        }
-        match measure {
-            Measure::Mul => {
-                matched_total += matched;
-                row_total += kept;
+            match measure {
+                Measure::Mul => {
+                    total.0 += matched;
+                    total.1 += kept;
+                }
+                Measure::Abs => total.0 += kept + matched,
             }
-            Measure::Abs => matched_total += kept + matched,
         }
     }
-    Ok((matched_total, row_total))
+    Ok(totals)
 }
 
 /// Sum (or sum of absolute values) of A[i, cols] in f64 (see [`Real::sum_widened`]).

@@ -18,6 +18,15 @@ pub trait Real: Copy + Send + Sync + 'static {
     fn sum_widened(s: &[Self], abs: bool) -> f64 {
         lane_sum(s, abs)
     }
+
+    /// `chunk` as f32 values, for kernels that read f32 lanes: f32 itself in place, types that
+    /// f32 holds exactly (f16, ...) converted into `buf` (at least `chunk.len()` long). None, the
+    /// default, for types f32 cannot hold exactly (f64): those kernels then take their generic path.
+    #[inline]
+    fn as_f32<'a>(chunk: &'a [Self], buf: &'a mut [f32]) -> Option<&'a [f32]> {
+        let _ = (chunk, buf);
+        None
+    }
 }
 
 /// Lanes of [`Real::sum_widened`].
@@ -61,6 +70,11 @@ impl Real for f32 {
     fn sum_widened(s: &[f32], abs: bool) -> f64 {
         sum_widened_f32(s, abs)
     }
+
+    #[inline]
+    fn as_f32<'a>(chunk: &'a [f32], _buf: &'a mut [f32]) -> Option<&'a [f32]> {
+        Some(chunk)
+    }
 }
 
 crate::simd::dispatched!(
@@ -76,6 +90,14 @@ impl Real for half::f16 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         half::f16::to_f64(self)
+    }
+
+    #[inline]
+    fn as_f32<'a>(chunk: &'a [half::f16], buf: &'a mut [f32]) -> Option<&'a [f32]> {
+        use half::slice::HalfFloatSliceExt;
+        let buf = &mut buf[..chunk.len()];
+        chunk.convert_to_f32_slice(buf);
+        Some(buf)
     }
 }
 
@@ -97,6 +119,14 @@ impl Real for half::bf16 {
     #[inline]
     fn sum_widened(s: &[half::bf16], abs: bool) -> f64 {
         sum_widened_bf16(s, abs)
+    }
+
+    /// Exact (a shift), so bf16 logits take the f32-lane kernels of `token_losses`.
+    #[inline]
+    fn as_f32<'a>(chunk: &'a [half::bf16], buf: &'a mut [f32]) -> Option<&'a [f32]> {
+        let buf = &mut buf[..chunk.len()];
+        buf.iter_mut().zip(chunk).for_each(|(d, &v)| *d = bf16_to_f32(v));
+        Some(buf)
     }
 }
 

@@ -40,6 +40,26 @@ def test_chunk_boundaries_of_the_vocabulary(vocab):
     np.testing.assert_allclose(inf.token_losses(logits, tokens), oracle_losses(logits, tokens), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("vocab", [15, 16, 17, 2047, 2048, 2049, 3 * 2048 + 37, 50257])
+def test_f32_lane_kernel_is_within_1e_14_of_the_oracle(vocab, dtype):
+    """float32/float16 rows take the f32-lane kernel (2048-value chunks, 16-value steps): tighter
+    than the other tests' 1e-12, across chunk and step boundaries, with the max in a late chunk."""
+    rng = np.random.default_rng(vocab)
+    logits, tokens = random_case(rng, 2, 4, vocab, dtype)
+    logits[0, 1, -1] = 20.0  # the max in the last chunk: the running max rises late
+    logits[1, 0, vocab // 3] = -60000.0  # far below the max (finite in float16 too)
+    np.testing.assert_allclose(inf.token_losses(logits, tokens), oracle_losses(logits, tokens), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logit_in_a_late_chunk_is_named(bad):
+    logits = np.zeros((1, 3, 5000), dtype=np.float32)
+    logits[0, 1, 4097] = bad
+    with pytest.raises(ValueError, match=r"logits: expected finite values, got .* at index \(0, 1, 4097\)"):
+        inf.token_losses(logits, np.zeros((1, 3), dtype=int))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dtypes_read_in_place(dtype):
     rng = np.random.default_rng(1)

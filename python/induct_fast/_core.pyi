@@ -41,14 +41,15 @@ def head_scores(
 
 def detection_scores(
     patterns: _Floats,
-    kind: Optional[str],
+    kinds: Optional[list[str]],
     matrices: Optional[npt.NDArray[np.float64]],
     tokens: Optional[npt.NDArray[np.int64]],
     measure: str,
     exclude_bos: bool,
     exclude_current_token: bool,
 ) -> npt.NDArray[np.float64]:
-    """[*lead] TransformerLens head_detector scores against a kind or explicit matrices."""
+    """TransformerLens head_detector scores: [len(kinds), *lead] against kind names (one pass for
+    all), or [*lead] against explicit matrices."""
 
 def attention_patterns(
     q: _Floats,

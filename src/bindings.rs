@@ -2,14 +2,14 @@
 //! turn core errors into ValueError, hand back the owned result without copying it.
 //! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray3};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::attention::{self, AttentionOptions, Layout, LseArray, LseOptions};
 use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions};
 use crate::targets::Kind;
-use crate::{losses, threads, Error};
+use crate::{batched, losses, threads, Error};
 
 /// A float array of any supported dtype; the kernels are generic over it.
 #[derive(FromPyObject)]
@@ -243,6 +243,20 @@ fn token_losses<'py>(
     Ok(result.into_pyarray(py))
 }
 
+/// `out[h] (+)= a[h / (n / n_a)] @ b[h / (n / n_b)]`: per-head float64 products (circuits.py).
+#[pyfunction]
+#[pyo3(signature = (a, b, out, accumulate))]
+fn batched_matmul<'py>(
+    py: Python<'py>,
+    a: PyReadonlyArray3<'py, f64>,
+    b: PyReadonlyArray3<'py, f64>,
+    mut out: PyReadwriteArray3<'py, f64>,
+    accumulate: bool,
+) -> PyResult<()> {
+    let (a, b, out) = (a.as_array(), b.as_array(), out.as_array_mut());
+    py.detach(|| batched::batched_matmul(a, b, out, accumulate)).map_err(value_error)
+}
+
 /// Sets the number of threads every later call uses (n >= 1).
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -262,6 +276,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_patterns, m)?)?;
     m.add_function(wrap_pyfunction!(scores_from_qk, m)?)?;
     m.add_function(wrap_pyfunction!(token_losses, m)?)?;
+    m.add_function(wrap_pyfunction!(batched_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -4,7 +4,7 @@
 //! shared. Each product here runs on one thread with matrixmultiply's kernels, so a result never
 //! depends on the thread count.
 
-use ndarray::{ArrayView3, ArrayViewMut3};
+use ndarray::{s, Array2, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 use rayon::prelude::*;
 
 use crate::error::{shape_str, Error, Result};
@@ -64,6 +64,48 @@ pub fn batched_matmul(a: ArrayView3<'_, f64>, b: ArrayView3<'_, f64>, mut out: A
     Ok(())
 }
 
+/// Columns of the contraction per task: the depth is cut into fixed chunks whatever the threads.
+const CHUNK: usize = 2048;
+
+/// `out += g @ k^T` for `g [m, depth]`, `k [n, depth]`, `out [m, n]` of any strides: the depth is
+/// cut into fixed chunks of `CHUNK`, each chunk's product formed on one thread, and the chunks
+/// summed into `out` in order, so the result never depends on the thread count.
+pub fn contract(g: ArrayView2<'_, f64>, k: ArrayView2<'_, f64>, mut out: ArrayViewMut2<'_, f64>) -> Result<()> {
+    let (m, depth) = g.dim();
+    let (n, depth2) = k.dim();
+    if depth2 != depth {
+        return Err(Error::invalid("k", format!("shape (n, {depth})"), shape_str(k.shape())));
+    }
+    if out.dim() != (m, n) {
+        return Err(Error::invalid("out", format!("shape ({m}, {n})"), shape_str(out.shape())));
+    }
+    if m == 0 || n == 0 || depth == 0 {
+        return Ok(());
+    }
+    let chunks: Vec<usize> = (0..depth).step_by(CHUNK).collect();
+    let partials: Vec<Array2<f64>> = threads::install(|| {
+        chunks
+            .par_iter()
+            .map(|&start| {
+                let stop = (start + CHUNK).min(depth);
+                let (a, b) = (g.slice(s![.., start..stop]), k.slice(s![.., start..stop]));
+                let mut c = Array2::<f64>::zeros((m, n));
+                let [sa0, sa1]: [isize; 2] = a.strides().try_into().expect("2 axes");
+                let [sb0, sb1]: [isize; 2] = b.strides().try_into().expect("2 axes");
+                // SAFETY: a [m, stop - start] and b^T [stop - start, n] are valid views, c owned.
+                unsafe {
+                    matrixmultiply::dgemm(m, stop - start, n, 1.0, a.as_ptr(), sa0, sa1, b.as_ptr(), sb1, sb0, 0.0, c.as_mut_ptr(), n as isize, 1);
+                }
+                c
+            })
+            .collect()
+    });
+    for c in &partials {
+        out += c;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +141,21 @@ mod tests {
         for h in 0..6 {
             let diff = &t.index_axis(Axis(0), h).t() - &(&want.index_axis(Axis(0), h) - 1.0);
             assert!(diff.iter().all(|d| d.abs() < 1e-12));
+        }
+    }
+
+    #[test]
+    fn contraction_matches_the_definition_across_chunks() {
+        let depth = 2 * CHUNK + 5;
+        let g = Array2::from_shape_fn((3, depth), |(i, t)| ((i * 31 + t * 7) % 13) as f64 - 6.0);
+        let k = Array2::from_shape_fn((4, depth), |(j, t)| ((j * 17 + t * 5) % 11) as f64 - 5.0);
+        let mut out = Array2::from_elem((3, 4), 2.0);
+        contract(g.view(), k.view(), out.view_mut()).unwrap();
+        for i in 0..3 {
+            for j in 0..4 {
+                let want: f64 = 2.0 + (0..depth).map(|t| g[[i, t]] * k[[j, t]]).sum::<f64>();
+                assert_eq!(out[[i, j]], want); // small integers: exact
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! turn core errors into ValueError, hand back the owned result without copying it.
 //! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray3};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray2, PyReadwriteArray3};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -257,6 +257,19 @@ fn batched_matmul<'py>(
     py.detach(|| batched::batched_matmul(a, b, out, accumulate)).map_err(value_error)
 }
 
+/// `out += g @ k^T` in fixed depth chunks (circuits.py's contraction of packed Gram pieces).
+#[pyfunction]
+#[pyo3(signature = (g, k, out))]
+fn contract<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArray2<'py, f64>,
+    k: PyReadonlyArray2<'py, f64>,
+    mut out: PyReadwriteArray2<'py, f64>,
+) -> PyResult<()> {
+    let (g, k, out) = (g.as_array(), k.as_array(), out.as_array_mut());
+    py.detach(|| batched::contract(g, k, out)).map_err(value_error)
+}
+
 /// Sets the number of threads every later call uses (n >= 1).
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -277,6 +290,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scores_from_qk, m)?)?;
     m.add_function(wrap_pyfunction!(token_losses, m)?)?;
     m.add_function(wrap_pyfunction!(batched_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(contract, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -246,8 +246,8 @@ def test_composition_of_bfloat16_tensors_is_that_of_their_float32_values():
 
 
 def test_composition_does_not_depend_on_the_thread_count():
-    """Per-head products run one per thread (Rust), the contraction GEMM in numpy's BLAS; neither
-    changes a bit with one thread instead of all."""
+    """Per-head products run one per thread and the contraction in fixed depth chunks (Rust), so
+    one thread instead of all changes no bit (BLAS limited too, for anything numpy does)."""
     script = (
         "import sys, numpy as np, induct_fast as inf\n"
         "rng = np.random.default_rng(0)\n"

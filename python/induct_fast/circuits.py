@@ -369,7 +369,7 @@ def _pair_traces(left: _Side, rights: List[_Side], plan: _Plan, shape: Tuple[int
             G = left_buffer[:, :area]
             for right_rows, n_left in groups:
                 K = _reshaped(right_buffer[right_rows, :, :area], (-1, area))
-                pairs[:n_left, right_rows] += _reshaped(G[:n_left] @ K.T, (n_left, -1, M))
+                _core.contract(G[:n_left], K, _reshaped(pairs[:n_left, right_rows], (n_left, -1)))
     pairs *= 2.0
     return _Traces(pairs, traces[:, 0], traces[:, 1:])
 

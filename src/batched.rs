@@ -19,7 +19,12 @@ unsafe impl Sync for SendPtr {}
 /// `out[h] = a[h / (n / n_a)] @ b[h / (n / n_b)]` (plus `out[h]` when `accumulate`) for every
 /// `h < n`, with `a [n_a, m, k]`, `b [n_b, k, p]`, `out [n, m, p]` of any strides, `n_a` and
 /// `n_b` dividing `n` (consecutive outputs share an operand: grouped heads).
-pub fn batched_matmul(a: ArrayView3<'_, f64>, b: ArrayView3<'_, f64>, mut out: ArrayViewMut3<'_, f64>, accumulate: bool) -> Result<()> {
+pub fn batched_matmul(
+    a: ArrayView3<'_, f64>,
+    b: ArrayView3<'_, f64>,
+    mut out: ArrayViewMut3<'_, f64>,
+    accumulate: bool,
+) -> Result<()> {
     let (n_a, m, k) = a.dim();
     let (n_b, k2, p) = b.dim();
     let (n, m2, p2) = out.dim();
@@ -27,7 +32,11 @@ pub fn batched_matmul(a: ArrayView3<'_, f64>, b: ArrayView3<'_, f64>, mut out: A
         return Err(Error::invalid("b", format!("shape (n_b, {k}, p) with n_b dividing {n}"), shape_str(b.shape())));
     }
     if m2 != m || p2 != p || n_a == 0 || n % n_a != 0 {
-        return Err(Error::invalid("out", format!("shape (n, {m}, {p}) with n a multiple of {n_a}"), shape_str(out.shape())));
+        return Err(Error::invalid(
+            "out",
+            format!("shape (n, {m}, {p}) with n a multiple of {n_a}"),
+            shape_str(out.shape()),
+        ));
     }
     if n == 0 || m == 0 || p == 0 {
         return Ok(());
@@ -94,7 +103,22 @@ pub fn contract(g: ArrayView2<'_, f64>, k: ArrayView2<'_, f64>, mut out: ArrayVi
                 let [sb0, sb1]: [isize; 2] = b.strides().try_into().expect("2 axes");
                 // SAFETY: a [m, stop - start] and b^T [stop - start, n] are valid views, c owned.
                 unsafe {
-                    matrixmultiply::dgemm(m, stop - start, n, 1.0, a.as_ptr(), sa0, sa1, b.as_ptr(), sb1, sb0, 0.0, c.as_mut_ptr(), n as isize, 1);
+                    matrixmultiply::dgemm(
+                        m,
+                        stop - start,
+                        n,
+                        1.0,
+                        a.as_ptr(),
+                        sa0,
+                        sa1,
+                        b.as_ptr(),
+                        sb1,
+                        sb0,
+                        0.0,
+                        c.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
                 }
                 c
             })

@@ -171,17 +171,12 @@ def test_composition_strips_pieces_and_groups_do_not_change_the_result(p, width,
 
 
 def test_composition_plan_stays_within_its_budget_and_converts_whole_when_it_fits():
-    shapes = [(9, 16, 1024, 16), (9, 4, 1024, 16), (9, 4, 1024, 16), (9, 16, 16, 1024)]
-    weights = [np.ones(s, dtype=np.float32) for s in shapes]
-    Q, K, V, O = (circuits._Weight(raw, None) for raw in circuits._raw_attention(*weights))
-    left, rights = circuits._sides(Q, K, V, O, ("Q", "K", "V"), 1 << 20)
-    sides = [left, *rights.values()]
-    N, n_wide = 8 * 16, 8 * (16 + 16 + 4 + 4)
+    N, n_wide = 8 * 16, 8 * (16 + 16 + 4 + 4)  # 9 layers of 16 heads, 4 kv heads; modes Q, K, V
     for budget in (4 << 20, 16 << 20):
-        plan = circuits._plan(sides, N, 1024, 16, circuits._WIDTH, budget)
+        plan = circuits._plan(4, N, n_wide, 1024, 16, circuits._WIDTH, budget)
         used = 4 * N * plan.width * (16 + plan.height) * 8 + n_wide * 16 * (1024 if plan.whole else plan.height) * 8
         assert used <= budget and not plan.whole and plan.height < 1024, plan
-    plan = circuits._plan(sides, N, 1024, 16, circuits._WIDTH, 1 << 30)
+    plan = circuits._plan(4, N, n_wide, 1024, 16, circuits._WIDTH, 1 << 30)
     assert plan.whole and plan.height == 1024 and plan.width == 85
 
 

@@ -280,11 +280,11 @@ class _Plan(NamedTuple):
     whole: bool
 
 
-def _plan(sides: List[_Side], n_heads: int, d_model: int, d_head: int, width: int, budget: int) -> _Plan:
-    """The cut whose buffers fit `budget` bytes: per head of every side, a U = S A^T strip
-    [d_head, width] and a packed piece [height, width]; per wide head, float64 rows of A."""
-    n_side_heads = n_heads * len(sides)
-    n_wide = sum(len(s.layers) * s.wide.raw.data.shape[1] for s in sides)
+def _plan(n_sides: int, n_heads: int, n_wide: int, d_model: int, d_head: int, width: int, budget: int) -> _Plan:
+    """The cut whose buffers fit `budget` bytes: per head (`n_heads` per side) of each of the
+    `n_sides` sides a U = S A^T strip [d_head, width] and a packed piece [height, width], and per
+    wide head (`n_wide` in all: A_h shared by a kv group counts once) float64 rows of A."""
+    n_side_heads = n_heads * n_sides
     width = max(1, min(width, max(32, d_model // 12), d_model))
     while width > 8 and n_side_heads * d_head * width * 8 > budget // 3:
         width //= 2
@@ -393,7 +393,8 @@ def _composition(
     if L < 2:
         return scores
     left, rights = _sides(Q, K, V, O, modes, budget // 8)
-    plan = _plan([left, *rights.values()], (L - 1) * H, d_model, d_head, width, budget)
+    n_wide = sum(len(side.layers) * side.wide.raw.data.shape[1] for side in (left, *rights.values()))
+    plan = _plan(1 + len(modes), (L - 1) * H, n_wide, d_model, d_head, width, budget)
     traces = _pair_traces(left, list(rights.values()), plan, (H, d_model, d_head), group)
     later = np.arange(L - 1)[:, None, None, None] < np.arange(1, L)[None, None, :, None]
     for k, mode in enumerate(modes):

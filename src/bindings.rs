@@ -2,7 +2,10 @@
 //! turn core errors into ValueError, hand back the owned result without copying it.
 //! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray2, PyReadwriteArray3};
+use numpy::{
+    IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray2,
+    PyReadwriteArray3,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 

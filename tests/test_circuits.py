@@ -235,8 +235,10 @@ def test_composition_of_bfloat16_tensors_is_that_of_their_float32_values():
     weights[3] = weights[3].transpose(2, 3).contiguous().transpose(2, 3)  # a strided tensor too
     got = inf.composition_scores(*weights, mode=("Q", "K", "V"))
     floats = [w.float().numpy() for w in weights]
+    pieces = circuits._composition(*weights, ("Q", "K", "V"), width=5, budget=20000)  # rows read piece by piece
     for mode, scores in got.items():
         np.testing.assert_array_equal(scores, inf.composition_scores(*floats, mode=mode))
+        np.testing.assert_allclose(pieces[mode], scores, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(scores, oracle_composition(*floats, mode), rtol=1e-9, atol=1e-12)
 
 

@@ -20,6 +20,7 @@ linear algebra, so numpy's BLAS/LAPACK does the work; there is no Rust kernel he
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
@@ -261,13 +262,49 @@ def _sides(Q: _Weight, K: _Weight, V: _Weight, O: _Weight, modes: Tuple[str, ...
 
 
 def _wide_rows(side: _Side, rows: slice) -> np.ndarray:
-    """Rows `rows` of every A_h in float64: [n_wide, len(rows), d_head]."""
+    """Rows `rows` of every A_h in float64: [n_wide, len(rows), d_head] (a fresh array)."""
     layers = slice(side.layers.start, side.layers.stop)
     if side.o_layout:
         x = _heads(side.wide, (layers, slice(None), slice(None), rows))
         return np.swapaxes(x.reshape(-1, *x.shape[2:]), 1, 2)
     x = _heads(side.wide, (layers, slice(None), rows))
     return x.reshape(-1, *x.shape[2:])
+
+
+# Which uint16 of a float32's two holds its high (bfloat16) half.
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0
+
+
+class _Rows:
+    """Rows of every A_h of one side converted into buffers allocated once, [n_wide, rows, d_head]
+    views: no allocation (and so no fresh pages to fault in) per piece, one pass per element
+    (bfloat16: its bits copied into the high halves of a float32 staging buffer, then widened)."""
+
+    def __init__(self, side: _Side, max_rows: int) -> None:
+        self.side = side
+        data = side.wide.raw.data
+        self.layers = slice(side.layers.start, side.layers.stop)
+        self.n_layers, n, a, b = len(side.layers), data.shape[1], data.shape[2], data.shape[3]
+        shape = (self.n_layers, n, a, max_rows) if side.o_layout else (self.n_layers, n, max_rows, b)
+        self.buffer = np.empty(shape)
+        self.stage = np.zeros(shape, dtype=np.float32) if side.wide.raw.bf16 else None
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        w, o_layout, count = self.side.wide, self.side.o_layout, stop - start
+        index = (self.layers, slice(None), slice(None), slice(start, stop)) if o_layout else (self.layers, slice(None), slice(start, stop))
+        out = self.buffer[..., :count] if o_layout else self.buffer[:, :, :count]
+        part = w.raw.data[index]
+        if self.stage is not None:
+            stage = self.stage[..., :count] if o_layout else self.stage[:, :, :count]
+            halves = stage.view(np.uint16)
+            halves[..., _HIGH_HALF::2] = part
+            part = stage
+        np.copyto(out, part)
+        if w.shift is not None:
+            out *= np.ldexp(1.0, -w.shift[self.layers])[..., None, None]
+        if o_layout:
+            return np.swapaxes(_reshaped(out, (-1, *out.shape[2:])), 1, 2)
+        return _reshaped(out, (-1, *out.shape[2:]))
 
 
 class _Plan(NamedTuple):
@@ -280,10 +317,13 @@ class _Plan(NamedTuple):
     whole: bool
 
 
-def _plan(n_sides: int, n_heads: int, n_wide: int, d_model: int, d_head: int, width: int, budget: int) -> _Plan:
+def _plan(
+    n_sides: int, n_heads: int, n_wide: int, d_model: int, d_head: int, width: int, budget: int, row_bytes: int = 8
+) -> _Plan:
     """The cut whose buffers fit `budget` bytes: per head (`n_heads` per side) of each of the
     `n_sides` sides a U = S A^T strip [d_head, width] and a packed piece [height, width], and per
-    wide head (`n_wide` in all: A_h shared by a kv group counts once) float64 rows of A."""
+    wide head (`n_wide` in all: A_h shared by a kv group counts once) rows of A, `row_bytes` per
+    entry (float64, plus a float32 staging copy for bfloat16)."""
     n_side_heads = n_heads * n_sides
     width = max(1, min(width, max(32, d_model // 12), d_model))
     while width > 8 and n_side_heads * d_head * width * 8 > budget // 3:
@@ -292,7 +332,7 @@ def _plan(n_sides: int, n_heads: int, n_wide: int, d_model: int, d_head: int, wi
     whole_bytes = n_wide * d_model * d_head * 8
     whole = whole_bytes <= spare // 2
     spare -= whole_bytes if whole else 0
-    per_row = n_side_heads * width * 8 + (0 if whole else n_wide * d_head * 8)
+    per_row = n_side_heads * width * 8 + (0 if whole else n_wide * d_head * row_bytes)
     return _Plan(width, max(1, min(d_model, spare // per_row)), whole)
 
 
@@ -344,9 +384,10 @@ def _pair_traces(left: _Side, rights: List[_Side], plan: _Plan, shape: Tuple[int
     u_buffer = np.empty((1 + M, N, d_head, width))
     pairs, traces = np.zeros((N, N, M)), np.zeros((N, 1 + M))
     wide = [_wide_rows(s, slice(None)) for s in sides] if plan.whole else []
+    readers = [] if plan.whole else [_Rows(s, max(height, width)) for s in sides]
 
     def rows(k: int, start: int, stop: int) -> np.ndarray:
-        return wide[k][:, start:stop] if plan.whole else _wide_rows(sides[k], slice(start, stop))
+        return wide[k][:, start:stop] if plan.whole else readers[k](start, stop)
 
     groups = _right_groups(len(left.layers), H, N, group)
     for cs in range(0, d_model, width):
@@ -394,7 +435,8 @@ def _composition(
         return scores
     left, rights = _sides(Q, K, V, O, modes, budget // 8)
     n_wide = sum(len(side.layers) * side.wide.raw.data.shape[1] for side in (left, *rights.values()))
-    plan = _plan(1 + len(modes), (L - 1) * H, n_wide, d_model, d_head, width, budget)
+    row_bytes = 12 if any(w.raw.bf16 for w in (Q, K, V, O)) else 8
+    plan = _plan(1 + len(modes), (L - 1) * H, n_wide, d_model, d_head, width, budget, row_bytes)
     traces = _pair_traces(left, list(rights.values()), plan, (H, d_model, d_head), group)
     later = np.arange(L - 1)[:, None, None, None] < np.arange(1, L)[None, None, :, None]
     for k, mode in enumerate(modes):
@@ -443,12 +485,21 @@ def composition_scores(
 
         ||W_OV(a) R(b)||_F^2 = tr(G_a K_b),  G_a = W_O^T (W_V^T W_V) W_O,  K_b = A (B^T B) A^T
 
-    G and K are symmetric, so only their upper block triangles are formed, a few block rows at a
-    time for all heads at once (each block row is one small GEMM per head from d_head-wide
-    factors), and the traces of every pair are one large GEMM per slab and group of layers.
-    Per pair this costs about d_model^2 / 2 multiply-adds instead of d_head^2 d_model for the
-    collapsed-SVD product TransformerLens forms; no SVD is needed. Extra memory: about 256 MB of
-    packed slabs, plus d_head x d_model operands per head and mode (the size of the weights).
+    G and K are symmetric, so only their upper triangles are formed: column strip by column
+    strip (d_model / 12 wide, at most 128), a piece of rows at a time, for all heads at once
+    (U_h = S_h A_h[strip]^T per strip, then piece = A_h[rows] U_h: small GEMMs, one head per
+    thread), and each piece's contribution to the traces of every pair is one large GEMM per
+    group of layers (float64 throughout, fixed summation order: the result does not depend on
+    the thread count). Per pair this costs about d_model^2 / 2 multiply-adds instead of
+    d_head^2 d_model for the collapsed-SVD product TransformerLens forms; no SVD is needed.
+
+    Memory: the weights are read where they are (float16/32/64 arrays or CPU tensors, bfloat16
+    tensors too), a slice at a time, never converted whole and never expanded over kv groups.
+    Beyond the inputs, the work takes a fixed budget (``_WORK_BYTES``, 2 GiB; all of it only when
+    the model is large, at least one row of a strip per head when it is huge), plus the
+    d_head x d_head cores (2 to 4 per head, d_head / d_model of the weights' size) and the scores
+    themselves. Heads whose entries are extreme (largest |entry| outside 2^-100 .. 2^100) are
+    scaled by powers of two on the fly, which changes no score.
 
     Examples
     --------

@@ -10,9 +10,10 @@ numpy's BLAS (a 2048 x 2048 product, measured at the start and again at the end)
 GFLOP/s (2 flops per multiply-add counted from the plan composition_scores runs, see
 ``composition_macs``).
 
-7B shape (32 layers x 32 heads, 8 kv heads, d_model 4096, d_head 128; bfloat16 torch tensors,
-2.7 GB): all three modes in one call, in a process of its own (tests/composition_memory.py), with
-its peak resident memory beyond the inputs. TransformerLens has no route that fits it (its
+7B shape (32 layers x 32 heads, 8 kv heads, d_model 4096, d_head 128; float32 arrays, 5.4 GB,
+or with ``--big-dtype bfloat16`` torch tensors, 2.7 GB): all three modes in one call, in a
+process of its own (tests/composition_memory.py), with its peak resident memory beyond the
+inputs. TransformerLens has no route that fits it (its
 FactoredMatrix products of every pair are [1024, 1024, 128, 128] float32, 69 GB, before any SVD).
 On 2 cores it takes minutes; ``--no-big`` skips it.
 
@@ -149,10 +150,10 @@ def gemm_rate(n=2048, repeats=3):
     return 2 * n**3 / seconds / 1e9
 
 
-def big_shape():
-    """The 7B shape in a process of its own: (seconds, peak growth bytes, input bytes)."""
+def big_shape(dtype):
+    """The 7B shape in a process of its own: {"seconds", "growth" (peak bytes), "inputs" (bytes)}."""
     script = Path(__file__).resolve().parents[1] / "tests" / "composition_memory.py"
-    argv = [sys.executable, str(script), "32", "32", "8", "4096", "128", "bfloat16", "QKV"]
+    argv = [sys.executable, str(script), "32", "32", "8", "4096", "128", dtype, "QKV"]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"7B-shaped run failed:\n{done.stderr[-3000:]}")
@@ -170,6 +171,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="best of this many runs for induct_fast")
     parser.add_argument("--tl-repeats", type=int, default=1, help="best of this many runs for TransformerLens")
     parser.add_argument("--no-big", action="store_true", help="skip the 7B shape")
+    parser.add_argument("--big-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="7B-shape weights: float32 numpy arrays (5.4 GB) or bfloat16 torch tensors (2.7 GB)")
     parser.add_argument("--no-copying", action="store_true", help="skip the copying scores")
     args = parser.parse_args()
     L, H, dm, dh, V = args.layers, args.heads, args.d_model, args.d_head, args.vocab
@@ -215,10 +218,10 @@ def main():
               f"({tl_macs / ours_macs:.1f}x)")
 
     if not args.no_big:
-        big = big_shape()
+        big = big_shape(args.big_dtype)
         macs = composition_macs(32, 32, 8, 4096, 128, "QKV")
         gflops = 2 * macs / big["seconds"] / 1e9
-        print(f"7B shape (32 x 32 heads, 8 kv heads, d_model 4096, d_head 128, bfloat16 torch, "
+        print(f"7B shape (32 x 32 heads, 8 kv heads, d_model 4096, d_head 128, {args.big_dtype}, "
               f"{big['inputs'] / 1e9:.2f} GB): modes Q, K, V in one call {big['seconds']:.0f} s "
               f"({macs / 1e12:.1f} T multiply-adds, {gflops:.1f} GFLOP/s, {gflops / rate:.0%} of GEMM), "
               f"peak memory beyond the inputs {big['growth'] / 2**30:.2f} GiB; TransformerLens: cannot run it")

@@ -12,6 +12,8 @@ __all__ = [
     "attention_patterns",
     "scores_from_qk",
     "token_losses",
+    "batched_matmul",
+    "contract",
     "set_num_threads",
     "get_num_threads",
     "__version__",

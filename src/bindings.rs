@@ -3,7 +3,10 @@
 //! Dtype normalisation and friendly TypeErrors live in python/induct_fast/_arrays.py.
 
 use ndarray::ArrayViewD;
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
+use numpy::{
+    IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArrayDyn, PyReadwriteArray2,
+    PyReadwriteArray3,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -11,7 +14,7 @@ use pyo3::types::PyString;
 use crate::attention::{self, AttentionOptions, Layout, LseArray, LseOptions};
 use crate::scores::{self, Detection, DetectionOptions, Measure, Reduce, ScoreOptions, Spans, TargetMeasure};
 use crate::targets::Kind;
-use crate::{losses, threads, Error};
+use crate::{batched, losses, threads, Error};
 
 /// A float array of any supported dtype; the kernels are generic over it.
 ///
@@ -326,6 +329,33 @@ fn token_losses<'py>(
     Ok(result.into_pyarray(py))
 }
 
+/// `out[h] (+)= a[h / (n / n_a)] @ b[h / (n / n_b)]`: per-head float64 products (circuits.py).
+#[pyfunction]
+#[pyo3(signature = (a, b, out, accumulate))]
+fn batched_matmul<'py>(
+    py: Python<'py>,
+    a: PyReadonlyArray3<'py, f64>,
+    b: PyReadonlyArray3<'py, f64>,
+    mut out: PyReadwriteArray3<'py, f64>,
+    accumulate: bool,
+) -> PyResult<()> {
+    let (a, b, out) = (a.as_array(), b.as_array(), out.as_array_mut());
+    py.detach(|| batched::batched_matmul(a, b, out, accumulate)).map_err(value_error)
+}
+
+/// `out += g @ k^T` in fixed depth chunks (circuits.py's contraction of packed Gram pieces).
+#[pyfunction]
+#[pyo3(signature = (g, k, out))]
+fn contract<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArray2<'py, f64>,
+    k: PyReadonlyArray2<'py, f64>,
+    mut out: PyReadwriteArray2<'py, f64>,
+) -> PyResult<()> {
+    let (g, k, out) = (g.as_array(), k.as_array(), out.as_array_mut());
+    py.detach(|| batched::contract(g, k, out)).map_err(value_error)
+}
+
 /// Sets the number of threads every later call uses (n >= 1).
 #[pyfunction]
 fn set_num_threads(n: usize) -> PyResult<()> {
@@ -345,6 +375,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_patterns, m)?)?;
     m.add_function(wrap_pyfunction!(scores_from_qk, m)?)?;
     m.add_function(wrap_pyfunction!(token_losses, m)?)?;
+    m.add_function(wrap_pyfunction!(batched_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(contract, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -4,6 +4,7 @@
 //! `cargo test` alone; `bindings` (feature `python`) is the only code that knows about Python.
 
 pub mod attention;
+pub mod batched;
 mod diagonals;
 pub mod error;
 pub mod logsumexp;

@@ -158,15 +158,26 @@ def test_composition_matches_oracle(p, mode):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes, st.integers(1, 40), st.integers(1, 10**6), st.integers(1, 20))
-def test_composition_slabs_blocks_and_groups_do_not_change_the_result(p, block, budget, group):
-    """Tiny blocks and budgets force many slabs and ragged block rows; small groups split the
-    contraction into several triangular pieces."""
+@given(shapes, st.integers(1, 40), st.integers(1, 10**5), st.integers(1, 20))
+def test_composition_strips_pieces_and_groups_do_not_change_the_result(p, width, budget, group):
+    """Narrow strips and tiny budgets force ragged strips, pieces of a few rows (diagonal blocks
+    cut across pieces) and weights converted piece by piece; small groups split the contraction
+    into several triangular pieces."""
     rng = np.random.default_rng(p["seed"])
-    weights = random_attention(rng, p["L"] + 1, p["n_kv"] * p["group"], p["n_kv"], p["d_model"], p["d_head"])
-    got = circuits._composition(*weights, ("Q", "K", "V"), block=block, budget=budget, group=group)
+    weights = random_attention(rng, p["L"] + 1, p["n_kv"] * p["group"], p["n_kv"], p["d_model"], p["d_head"], p["dtype"])
+    got = circuits._composition(*weights, ("Q", "K", "V"), width=width, budget=budget, group=group)
     for mode in "QKV":
         np.testing.assert_allclose(got[mode], oracle_composition(*weights, mode), rtol=1e-9, atol=1e-7)
+
+
+def test_composition_plan_stays_within_its_budget_and_converts_whole_when_it_fits():
+    N, n_wide = 8 * 16, 8 * (16 + 16 + 4 + 4)  # 9 layers of 16 heads, 4 kv heads; modes Q, K, V
+    for budget in (4 << 20, 16 << 20):
+        plan = circuits._plan(4, N, n_wide, 1024, 16, circuits._WIDTH, budget)
+        used = 4 * N * plan.width * (16 + plan.height) * 8 + n_wide * 16 * (1024 if plan.whole else plan.height) * 8
+        assert used <= budget and not plan.whole and plan.height < 1024, plan
+    plan = circuits._plan(4, N, n_wide, 1024, 16, circuits._WIDTH, 1 << 30)
+    assert plan.whole and plan.height == 1024 and plan.width == 85
 
 
 def test_composition_many_layers_uses_grouped_contractions():
@@ -186,6 +197,94 @@ def test_composition_layout_and_grouped_query_expansion():
     assert np.all(scores[np.broadcast_to(later, scores.shape)] > 0)
     expanded = inf.composition_scores(W_Q, np.repeat(W_K, 3, axis=1), np.repeat(W_V, 3, axis=1), W_O, mode="V")
     np.testing.assert_allclose(scores, expanded, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("exponent", [-300, -120, 0, 120, 300])
+def test_composition_is_exact_under_extreme_head_scales(exponent):
+    """Scores are scale-free per head; heads far outside float64's comfortable range are scaled by
+    powers of two on the fly, so huge, tiny and mixed scales give the unscaled scores."""
+    rng = np.random.default_rng(5)
+    weights = random_attention(rng, 3, 4, 2, 12, 3)
+    expected = {m: oracle_composition(*weights, m) for m in "QKV"}
+    scaled = [w.copy() for w in weights]
+    for i, w in enumerate(scaled):
+        w[:, ::2] *= 2.0**exponent  # every other head (group) of every weight
+        w[1, -1] *= 2.0 ** (-exponent // (i + 1))  # and one head the other way
+    copies = [w.copy() for w in scaled]
+    got = inf.composition_scores(*scaled, mode=("Q", "K", "V"))
+    for before, after in zip(copies, scaled):
+        np.testing.assert_array_equal(before, after)  # scaled on the fly, never in place
+    for m in "QKV":
+        np.testing.assert_allclose(got[m], expected[m], rtol=1e-12, atol=1e-15)
+
+
+def test_composition_of_huge_float32_weights():
+    rng = np.random.default_rng(6)
+    weights = random_attention(rng, 2, 2, 2, 8, 2)
+    big = [(w * 2.0**120).astype(np.float32) for w in weights]
+    expected = oracle_composition(*[b.astype(np.float64) / 2.0**120 for b in big], "V")
+    np.testing.assert_allclose(inf.composition_scores(*big, mode="V"), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_composition_of_bfloat16_tensors_is_that_of_their_float32_values():
+    """bfloat16 torch tensors are read as they are (their bits widened exactly, a slice at a time),
+    not converted whole: the scores are those of the same values in float32, bit for bit."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    weights = [torch.from_numpy(w).to(torch.bfloat16) for w in random_attention(rng, 3, 4, 2, 16, 4, np.float32)]
+    weights[3] = weights[3].transpose(2, 3).contiguous().transpose(2, 3)  # a strided tensor too
+    got = inf.composition_scores(*weights, mode=("Q", "K", "V"))
+    floats = [w.float().numpy() for w in weights]
+    pieces = circuits._composition(*weights, ("Q", "K", "V"), width=5, budget=20000)  # rows read piece by piece
+    for mode, scores in got.items():
+        np.testing.assert_array_equal(scores, inf.composition_scores(*floats, mode=mode))
+        np.testing.assert_allclose(pieces[mode], scores, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(scores, oracle_composition(*floats, mode), rtol=1e-9, atol=1e-12)
+
+
+def test_composition_does_not_depend_on_the_thread_count():
+    """Per-head products run one per thread and the contraction in fixed depth chunks (Rust), so
+    one thread instead of all changes no bit (BLAS limited too, for anything numpy does)."""
+    script = (
+        "import sys, numpy as np, induct_fast as inf\n"
+        "rng = np.random.default_rng(0)\n"
+        "W = [rng.standard_normal(s) for s in [(3, 8, 256, 16), (3, 4, 256, 16), (3, 4, 256, 16), (3, 8, 16, 256)]]\n"
+        "s = inf.composition_scores(*W, mode=('Q', 'K', 'V'))\n"
+        "sys.stdout.buffer.write(np.stack([s[m] for m in 'QKV']).tobytes())\n"
+    )
+    import os
+    import subprocess
+    import sys
+
+    outputs = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, INDUCT_FAST_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        outputs.append(np.frombuffer(done.stdout, dtype=np.float64))
+    assert outputs[0].size == 3 * (3 * 8) ** 2 and np.array_equal(outputs[0], outputs[1])
+
+
+def test_composition_matches_transformer_lens_with_grouped_query_attention():
+    """A live HookedTransformer with 2 key/value heads for 4 query heads: its own
+    all_composition_scores (which expands K and V) against ours on the unexpanded _W_K, _W_V."""
+    torch = pytest.importorskip("torch")
+    tl = pytest.importorskip("transformer_lens")
+    torch.manual_seed(0)
+    cfg = tl.HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=8, d_head=8, n_heads=4, n_key_value_heads=2, d_vocab=16, attn_only=True,
+        device="cpu",
+    )
+    model = tl.HookedTransformer(cfg)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    grouped = [torch.stack([getattr(b.attn, name) for b in model.blocks]).detach() for name in ("_W_K", "_W_V")]
+    assert grouped[0].shape == (3, 2, 32, 8)
+    ours = inf.composition_scores(model.W_Q.detach(), *grouped, model.W_O.detach(), mode=("Q", "K", "V"))
+    for mode in "QKV":
+        with torch.no_grad():
+            theirs = model.all_composition_scores(mode).numpy()
+        np.testing.assert_allclose(ours[mode], theirs, rtol=0, atol=1e-5)
 
 
 def test_one_layer_has_no_composition():

@@ -17,6 +17,8 @@ __all__ = [
     "attention_patterns",
     "scores_from_qk",
     "token_losses",
+    "batched_matmul",
+    "contract",
     "set_num_threads",
     "get_num_threads",
     "__version__",
@@ -98,5 +100,9 @@ def token_losses(
     """[*lead, n - 1] cross-entropy of tokens[..., 1:] under logits[..., :-1, :]; logits
     [*lead, n, vocab] with lead () or (batch,), tokens [*lead, n] in [0, vocab)."""
 
+def batched_matmul(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64], out: npt.NDArray[np.float64], accumulate: bool
+) -> None: ...
+def contract(g: npt.NDArray[np.float64], k: npt.NDArray[np.float64], out: npt.NDArray[np.float64]) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -20,18 +20,22 @@ linear algebra, so numpy's BLAS/LAPACK does the work; there is no Rust kernel he
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
-from ._arrays import as_count, as_float_array, as_scale, as_seed
+from . import _core
+from ._arrays import as_count, as_float_array, as_scale, as_seed, is_tensor
 
 MODES = ("Q", "K", "V")
 
-# Memory for the packed Gram slabs of composition_scores (left + right heads together).
-_SLAB_BYTES = 256 * 2**20
-# Width of one block row of a packed Gram matrix; 64 keeps every GEMM BLAS-sized.
-_BLOCK = 64
+# Working memory of composition_scores beyond its inputs and outputs (float64 rows of weights,
+# their products with the d_head x d_head cores, packed Gram pieces): fixed, whatever L and H.
+_WORK_BYTES = 2 << 30
+# Widest column strip of the packed Gram matrices (d_model / 12 below that: the diagonal blocks,
+# formed whole, then cost 1/12 extra).
+_WIDTH = 128
 # Right heads per contraction GEMM: fewer waste pairs below the diagonal, more starve the GEMM.
 _GROUP = 48
 
@@ -59,33 +63,6 @@ def _weights(x: Any, name: str, ndim: int, layout: str) -> np.ndarray:
 def _require(cond: bool, name: str, expected: str, got: Any) -> None:
     if not cond:
         raise ValueError(f"{name}: expected {expected}, got {got}")
-
-
-def _attention_weights(W_Q: Any, W_K: Any, W_V: Any, W_O: Any) -> Tuple[np.ndarray, ...]:
-    """The four attention weights as float64, with every L / H / d_model / d_head agreement checked."""
-    W_Q = _weights(W_Q, "W_Q", 4, "[L, H, d_model, d_head]")
-    L, H, d_model, d_head = W_Q.shape
-    W_O = _weights(W_O, "W_O", 4, "[L, H, d_head, d_model]")
-    _require(W_O.shape == (L, H, d_head, d_model), "W_O", f"shape {(L, H, d_head, d_model)} (from W_Q)", W_O.shape)
-    W_K = _kv_weights(W_K, "W_K", L, H, d_model, d_head)
-    W_V = _kv_weights(W_V, "W_V", L, H, d_model, d_head)
-    return W_Q, W_K, W_V, W_O
-
-
-def _unit_heads(W: np.ndarray) -> np.ndarray:
-    """W with each head's matrix scaled by a power of two to a largest |entry| in [0.5, 1), when
-    some head's entries are large or small enough for Gram products to overflow or underflow.
-
-    Composition scores do not change when any head's weights are scaled, and powers of two
-    scale exactly, so this changes no score; ordinary weights are returned as they are (no pass
-    over them but the max and min). All-zero heads are left alone.
-    """
-    peak = np.maximum(W.max(axis=(-2, -1), keepdims=True), -W.min(axis=(-2, -1), keepdims=True))
-    if ((peak == 0) | ((peak > 1e-60) & (peak < 1e60))).all():
-        return W
-    _, exponent = np.frexp(peak)
-    result: np.ndarray = np.ldexp(W, np.where(peak > 0, -exponent, 0))
-    return result
 
 
 def _kv_weights(x: Any, name: str, L: int, H: int, d_model: int, d_head: int) -> np.ndarray:
@@ -125,106 +102,244 @@ def _parse_modes(mode: ModeArg) -> Tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _per_head(x: np.ndarray, n_heads: int) -> np.ndarray:
-    """Grouped-query expansion along axis 1: group g serves heads g*r .. g*r + r - 1."""
-    r = n_heads // x.shape[1]
-    return x if r == 1 else np.repeat(x, r, axis=1)
+class _Raw(NamedTuple):
+    """One attention weight as the caller gave it, never converted whole: float16/32/64 (a view
+    where numpy allows), or bfloat16 held as its uint16 bit pattern (``bf16``)."""
+
+    data: np.ndarray
+    bf16: bool
+    name: str
 
 
-def _gram(W: np.ndarray) -> np.ndarray:
-    """W^T W over the last two axes: [..., m, d] -> [..., d, d] (BLAS syrk per matrix)."""
-    result: np.ndarray = np.matmul(np.swapaxes(W, -1, -2), W)
-    return result
+def _bfloat16_bits(x: Any, name: str) -> Optional[np.ndarray]:
+    """The uint16 bit pattern of a bfloat16 CPU tensor or ml_dtypes array, sharing its memory
+    (torch's own route to numpy widens bfloat16 to a float32 copy); None for anything else."""
+    if is_tensor(x) and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        device = getattr(x, "device", "cpu")
+        if str(getattr(device, "type", device)).split(":")[0] != "cpu":
+            raise ValueError(f"{name}: expected a CPU tensor or array, got a tensor on {device}; move it with .cpu() first")
+        import torch
+
+        bits: np.ndarray = x.detach().view(torch.int16).numpy().view(np.uint16)
+        return bits
+    if isinstance(x, np.ndarray) and x.dtype.name == "bfloat16" and x.dtype.itemsize == 2:
+        return x.view(np.uint16)
+    return None
 
 
-def _gram_operands(A: np.ndarray, M: np.ndarray, n_heads: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Thin operands (T, X), each [N, d_head, d_model], of the PSD matrices A_h M_h A_h^T.
+def _raw_weight(x: Any, name: str, layout: str) -> _Raw:
+    """A 4-axis attention weight in its own dtype; TypeError unless it is a real float array."""
+    bits = _bfloat16_bits(x, name)
+    arr = bits if bits is not None else as_float_array(x, name, integers=False)
+    if arr.ndim != 4:
+        raise ValueError(f"{name}: expected 4 axes {layout}, got shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"{name}: expected non-empty axes {layout}, got shape {arr.shape}")
+    return _Raw(arr, bits is not None, name)
 
-    A_h M_h A_h^T = T_h^T X_h with T_h = M_h A_h^T and X_h = A_h^T (M symmetric), so any block
-    of the d_model x d_model matrix costs one small GEMM and the matrix itself is never stored.
+
+def _float(raw: _Raw, index: Tuple[Any, ...], dtype: Any = np.float64) -> np.ndarray:
+    """raw.data[index] as a C-ordered `dtype` array (bfloat16 widened exactly); a view of the
+    caller's array when it is one already, so never written to."""
+    part = raw.data[index]
+    if raw.bf16:
+        wide = part.astype(np.uint32)
+        np.left_shift(wide, 16, out=wide)
+        part = wide.view(np.float32)
+    return np.asarray(part, dtype=dtype, order="C")
+
+
+def _raw_attention(W_Q: Any, W_K: Any, W_V: Any, W_O: Any) -> Tuple[_Raw, _Raw, _Raw, _Raw]:
+    """The four weights unconverted, with every L / H / d_model / d_head agreement checked."""
+    Q = _raw_weight(W_Q, "W_Q", "[L, H, d_model, d_head]")
+    L, H, d_model, d_head = Q.data.shape
+    O = _raw_weight(W_O, "W_O", "[L, H, d_head, d_model]")
+    _require(O.data.shape == (L, H, d_head, d_model), "W_O", f"shape {(L, H, d_head, d_model)} (from W_Q)", O.data.shape)
+    kv = []
+    for x, name in ((W_K, "W_K"), (W_V, "W_V")):
+        raw = _raw_weight(x, name, "[L, H_kv, d_model, d_head]")
+        shape = raw.data.shape
+        ok = shape[0] == L and shape[2:] == (d_model, d_head) and H % shape[1] == 0
+        _require(ok, name, f"shape ({L}, H_kv, {d_model}, {d_head}) with H_kv dividing H={H} (from W_Q)", shape)
+        kv.append(raw)
+    return Q, kv[0], kv[1], O
+
+
+def _head_blocks(raw: _Raw, layers: range, budget: int) -> List[Tuple[int, slice]]:
+    """(layer, heads) blocks of `raw` whose float64 copies take at most ~`budget` bytes each."""
+    n_heads = raw.data.shape[1]
+    step = max(1, min(n_heads, budget // (raw.data.shape[2] * raw.data.shape[3] * 8)))
+    return [(layer, slice(h, min(h + step, n_heads))) for layer in layers for h in range(0, n_heads, step)]
+
+
+# Heads whose largest |entry| lies in [2^-100, 2^100] are used as they are: a trace multiplies
+# eight entries, which stays a normal float64 over that range (with room for the sums).
+_ORDINARY = (2.0**-100, 2.0**100)
+
+
+def _head_shifts(raw: _Raw, budget: int) -> Optional[np.ndarray]:
+    """Exponents e [L, heads] that bring each head outside `_ORDINARY` to a largest |entry| in
+    [0.5, 1) when scaled by 2^-e (0 for the others); None when no head needs it.
+
+    Scores do not change when one head's weights are scaled, and powers of two scale exactly, so
+    this changes no score. It is one max and one min per head, which also catches NaN and inf
+    (both propagate through them) without copying float16/32/64 weights.
     """
-    A = _per_head(A, n_heads)
-    M = _per_head(M, n_heads)
-    X = np.swapaxes(A, -1, -2)
-    T = np.matmul(M, X)
-    d_head, d_model = X.shape[-2:]
-    return T.reshape(-1, d_head, d_model), X.reshape(-1, d_head, d_model)
+    peak = np.empty(raw.data.shape[:2])
+    for layer, heads in _head_blocks(raw, range(raw.data.shape[0]), budget):
+        part = _float(raw, (layer, heads), np.float32) if raw.bf16 else raw.data[layer, heads]
+        peak[layer, heads] = np.maximum(part.max(axis=(-2, -1)), -part.min(axis=(-2, -1)))
+    if not np.isfinite(peak).all():
+        raise ValueError(f"{raw.name}: expected finite values, got NaN or inf")
+    ordinary = (peak == 0) | ((peak >= _ORDINARY[0]) & (peak <= _ORDINARY[1]))
+    if ordinary.all():
+        return None
+    exponent: np.ndarray = np.where(ordinary, 0, np.frexp(peak)[1])
+    return exponent
 
 
-def _factors(mode: str, W_Q: np.ndarray, W_K: np.ndarray, W_V: np.ndarray, W_O: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(A, B) with R = A B^T: W_QK = W_Q W_K^T (Q), W_QK^T = W_K W_Q^T (K), W_OV = W_V W_O (V)."""
-    if mode == "Q":
-        return W_Q, W_K
-    if mode == "K":
-        return W_K, W_Q
-    return W_V, np.swapaxes(W_O, -1, -2)
+class _Weight(NamedTuple):
+    raw: _Raw
+    shift: Optional[np.ndarray]  # [L, heads] from _head_shifts, or None
 
 
-def _left_operands(W_V: np.ndarray, W_O: np.ndarray, n_heads: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Operands of G_a = W_OV^T W_OV = W_O^T (W_V^T W_V) W_O (what a right factor sees of head a)."""
-    return _gram_operands(np.swapaxes(W_O, -1, -2), _gram(W_V), n_heads)
+def _heads(w: _Weight, index: Tuple[Any, ...]) -> np.ndarray:
+    """w.raw.data[index] (index starts (layers, heads)) in float64, head h scaled by 2^-shift[h]
+    (read-only: float64 inputs come back as views of the caller's array)."""
+    x = _float(w.raw, index)
+    if w.shift is not None:
+        x = x * np.ldexp(1.0, -w.shift[index[:2]])[..., None, None]
+    return x
 
 
-def _right_operands(A: np.ndarray, B: np.ndarray, n_heads: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Operands of K_b = R R^T = A (B^T B) A^T for R = A B^T."""
-    return _gram_operands(A, _gram(B), n_heads)
+def _cores(w: _Weight, layers: range, o_layout: bool, budget: int) -> np.ndarray:
+    """d_head x d_head cores [len(layers), heads, d_head, d_head] in float64: B^T B per head of a
+    weight [.., d_model, d_head], or B B^T for W_O [.., d_head, d_model]."""
+    d_head = w.raw.data.shape[2 if o_layout else 3]
+    out = np.empty((len(layers), w.raw.data.shape[1], d_head, d_head))
+    for layer, heads in _head_blocks(w.raw, layers, budget):
+        B = _heads(w, (layer, heads))
+        Bt = np.swapaxes(B, -1, -2)
+        _core.batched_matmul(*((B, Bt) if o_layout else (Bt, B)), out[layer - layers.start, heads], False)
+    return out
 
 
-def _squared_norms(operands: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """||R||_F^2 = tr(T^T X) = sum(T * X) per head."""
-    T, X = operands
-    result: np.ndarray = np.einsum("nij,nij->n", T, X)
-    return result
+class _Side(NamedTuple):
+    """One side's PSD d_model x d_model matrices M_h = A_h S_h A_h^T, kept factored.
 
-
-def _block_rows(d_model: int, width: int) -> list[tuple[int, int]]:
-    """Block rows (start, stop) of the upper triangle of a d_model x d_model matrix."""
-    return [(s, min(s + width, d_model)) for s in range(0, d_model, width)]
-
-
-def _row_length(row: Tuple[int, int], d_model: int) -> int:
-    s, e = row
-    return (e - s) * (d_model - s)
-
-
-def _slabs(rows: list[tuple[int, int]], d_model: int, bytes_per_column: int, budget: int) -> list[list[tuple[int, int]]]:
-    """Consecutive block rows grouped so that each slab's buffers stay within `budget` bytes
-    (at least one row per slab)."""
-    slabs: list[list[tuple[int, int]]] = []
-    current: list[tuple[int, int]] = []
-    size = 0
-    for row in rows:
-        n = _row_length(row, d_model) * bytes_per_column
-        if current and size + n > budget:
-            slabs.append(current)
-            current, size = [], 0
-        current.append(row)
-        size += n
-    slabs.append(current)
-    return slabs
-
-
-def _packed_gram(
-    operands: Tuple[np.ndarray, np.ndarray], slab: list[tuple[int, int]], out: np.ndarray, halve_diagonal: bool
-) -> np.ndarray:
-    """Block rows [s:e, s:] of every head's T^T X, packed side by side: [N, sum of row lengths].
-
-    For symmetric G and K, tr(G K) = 2 (sum_I <G_II, K_II> / 2 + sum_{I<J} <G_IJ, K_IJ>), so the
-    upper block triangle suffices: `halve_diagonal` on one side makes a plain dot product of
-    packed rows give tr(G K) / 2 (halving the small diagonal blocks is cheaper than doubling
-    the rest).
+    A_h [d_model, d_head] is read from `wide` over `layers` (W_O transposed when `o_layout`);
+    `wide` has one head per kv group for K and V composition (W_K, W_V), shared by the group's
+    consecutive heads. The cores S_h are `core` [n_core, d_head, d_head], n_core = (L - 1) H
+    or (L - 1) H_kv (one per group), shared the same way.
     """
-    T, X = operands
-    n_heads, _, d_model = T.shape
-    offset = 0
-    for s, e in slab:
-        length = _row_length((s, e), d_model)
-        view = out[:, offset : offset + length].reshape(n_heads, e - s, d_model - s)
-        np.matmul(np.swapaxes(T[:, :, s:e], 1, 2), X[:, :, s:], out=view)
-        if halve_diagonal:
-            view[:, :, : e - s] *= 0.5
-        offset += length
-    return out[:, :offset]
+
+    wide: _Weight
+    o_layout: bool
+    layers: range
+    core: np.ndarray
+
+
+def _sides(Q: _Weight, K: _Weight, V: _Weight, O: _Weight, modes: Tuple[str, ...], budget: int) -> Tuple[_Side, Dict[str, _Side]]:
+    """The left side G_a = W_O^T (W_V^T W_V) W_O = W_OV^T W_OV over layers 0..L-2 and, per mode,
+    the right side K_b = R R^T = A (B^T B) A^T for R = A B^T over layers 1..L-1."""
+    L = Q.raw.data.shape[0]
+    before, after = range(0, L - 1), range(1, L)
+
+    def cores(w: _Weight, layers: range, o_layout: bool) -> np.ndarray:
+        core = _cores(w, layers, o_layout, budget)
+        return core.reshape(-1, *core.shape[2:])
+
+    left = _Side(O, True, before, cores(V, before, False))
+    rights: Dict[str, _Side] = {}
+    for mode in modes:
+        if mode == "Q":  # R = W_Q W_K^T: A = W_Q per head, S = W_K^T W_K per group
+            rights[mode] = _Side(Q, False, after, cores(K, after, False))
+        elif mode == "K":  # R = W_K W_Q^T: A = W_K per group, S = W_Q^T W_Q per head
+            rights[mode] = _Side(K, False, after, cores(Q, after, False))
+        else:  # R = W_V W_O: A = W_V per group, S = W_O W_O^T per head
+            rights[mode] = _Side(V, False, after, cores(O, after, True))
+    return left, rights
+
+
+def _wide_rows(side: _Side, rows: slice) -> np.ndarray:
+    """Rows `rows` of every A_h in float64: [n_wide, len(rows), d_head] (a fresh array)."""
+    layers = slice(side.layers.start, side.layers.stop)
+    if side.o_layout:
+        x = _heads(side.wide, (layers, slice(None), slice(None), rows))
+        return np.swapaxes(x.reshape(-1, *x.shape[2:]), 1, 2)
+    x = _heads(side.wide, (layers, slice(None), rows))
+    return x.reshape(-1, *x.shape[2:])
+
+
+# Which uint16 of a float32's two holds its high (bfloat16) half.
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0
+
+
+class _Rows:
+    """Rows of every A_h of one side converted into buffers allocated once, [n_wide, rows, d_head]
+    views: no allocation (and so no fresh pages to fault in) per piece, one pass per element
+    (bfloat16: its bits copied into the high halves of a float32 staging buffer, then widened)."""
+
+    def __init__(self, side: _Side, max_rows: int) -> None:
+        self.side = side
+        data = side.wide.raw.data
+        self.layers = slice(side.layers.start, side.layers.stop)
+        self.n_layers, n, a, b = len(side.layers), data.shape[1], data.shape[2], data.shape[3]
+        shape = (self.n_layers, n, a, max_rows) if side.o_layout else (self.n_layers, n, max_rows, b)
+        self.buffer = np.empty(shape)
+        self.stage = np.zeros(shape, dtype=np.float32) if side.wide.raw.bf16 else None
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        w, o_layout, count = self.side.wide, self.side.o_layout, stop - start
+        index = (self.layers, slice(None), slice(None), slice(start, stop)) if o_layout else (self.layers, slice(None), slice(start, stop))
+        out = self.buffer[..., :count] if o_layout else self.buffer[:, :, :count]
+        part = w.raw.data[index]
+        if self.stage is not None:
+            stage = self.stage[..., :count] if o_layout else self.stage[:, :, :count]
+            halves = stage.view(np.uint16)
+            halves[..., _HIGH_HALF::2] = part
+            part = stage
+        np.copyto(out, part)
+        if w.shift is not None:
+            out *= np.ldexp(1.0, -w.shift[self.layers])[..., None, None]
+        if o_layout:
+            return np.swapaxes(_reshaped(out, (-1, *out.shape[2:])), 1, 2)
+        return _reshaped(out, (-1, *out.shape[2:]))
+
+
+class _Plan(NamedTuple):
+    """How the upper triangle of d_model x d_model is cut: column strips `width` wide, each cut
+    into pieces of at most `height` rows; `whole`: every A_h converted to float64 once, up front
+    (otherwise the rows each piece needs are converted for it)."""
+
+    width: int
+    height: int
+    whole: bool
+
+
+def _plan(
+    n_sides: int, n_heads: int, n_wide: int, d_model: int, d_head: int, width: int, budget: int, row_bytes: int = 8
+) -> _Plan:
+    """The cut whose buffers fit `budget` bytes: per head (`n_heads` per side) of each of the
+    `n_sides` sides a U = S A^T strip [d_head, width] and a packed piece [height, width], and per
+    wide head (`n_wide` in all: A_h shared by a kv group counts once) rows of A, `row_bytes` per
+    entry (float64, plus a float32 staging copy for bfloat16)."""
+    n_side_heads = n_heads * n_sides
+    width = max(1, min(width, max(32, d_model // 12), d_model))
+    while width > 8 and n_side_heads * d_head * width * 8 > budget // 3:
+        width //= 2
+    spare = budget - n_side_heads * d_head * width * 8
+    whole_bytes = n_wide * d_model * d_head * 8
+    whole = whole_bytes <= spare // 2
+    spare -= whole_bytes if whole else 0
+    per_row = n_side_heads * width * 8 + (0 if whole else n_wide * d_head * row_bytes)
+    return _Plan(width, max(1, min(d_model, spare // per_row)), whole)
+
+
+def _reshaped(x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """A reshaped view (never a copy: results are written through it)."""
+    view: np.ndarray = x.reshape(shape, copy=False)
+    return view
 
 
 def _right_groups(n_right_layers: int, n_heads: int, n_left: int, per_group: int = _GROUP) -> list[tuple[slice, int]]:
@@ -243,70 +358,92 @@ def _right_groups(n_right_layers: int, n_heads: int, n_left: int, per_group: int
     return groups
 
 
-def _pair_traces(
-    left: Tuple[np.ndarray, np.ndarray],
-    rights: Dict[str, Tuple[np.ndarray, np.ndarray]],
-    n_heads: int,
-    block: int,
-    budget: int,
-    group: int,
-) -> Dict[str, np.ndarray]:
-    """tr(G_a K_b) for every left head a and right head b: [N_left, N_right] per mode (entries
-    with layer(a) >= layer(b) are partial or zero; the caller masks them).
+class _Traces(NamedTuple):
+    pairs: np.ndarray  # [N, N, modes]: tr(G_a K_b) (valid where layer(a) < layer(b))
+    left: np.ndarray  # [N]: tr(G_a) = ||W_OV(a)||_F^2
+    right: np.ndarray  # [N, modes]: tr(K_b) = ||R(b)||_F^2
 
-    Streams over slabs of packed Gram rows: building a slab costs one small GEMM per head and
-    block row, contracting it one large GEMM per group of right layers, and the left slab is
-    shared by every mode.
+
+def _pair_traces(left: _Side, rights: List[_Side], plan: _Plan, shape: Tuple[int, int, int], group: int) -> _Traces:
+    """tr(G_a K_b) for every left head a and right head b of every mode, with tr(G_a), tr(K_b).
+
+    G and K are symmetric, so tr(G K) = 2 (sum_J <G_JJ, K_JJ> / 2 + sum_{I<J} <G_IJ, K_IJ>): only
+    the upper triangle is formed, one piece (rows [r0, r1) of column strip J, r1 <= end of J) at
+    a time, for every head of every side: first U_h = S_h A_h[J]^T [d_head, width] per strip,
+    then piece_h = A_h[r0:r1] U_h (small GEMMs, batched over heads). Diagonal blocks are halved
+    on the left side, and every piece's contribution to all pairs is one large GEMM per group of
+    right layers (left heads x right heads of every mode). The diagonal entries give the traces.
     """
-    n_left, _, d_model = left[0].shape
-    n_right = next(iter(rights.values()))[0].shape[0]
-    width = max(8, min(block, budget // max(1, (n_left + n_right) * d_model * 8)))
-    slabs = _slabs(_block_rows(d_model, width), d_model, (n_left + n_right) * 8, budget)
-    longest = max(sum(_row_length(r, d_model) for r in slab) for slab in slabs)
-    g_buffer = np.empty((n_left, longest))
-    k_buffer = np.empty((n_right, longest))
-    groups = _right_groups(n_right // n_heads, n_heads, n_left, group)
-    traces = {m: np.zeros((n_left, n_right)) for m in rights}
-    for slab in slabs:
-        G = _packed_gram(left, slab, g_buffer, halve_diagonal=True)
-        for mode, operands in rights.items():
-            K = _packed_gram(operands, slab, k_buffer, halve_diagonal=False)
-            for right_rows, n_needed in groups:
-                traces[mode][:n_needed, right_rows] += G[:n_needed] @ K[right_rows].T
-    for values in traces.values():
-        values *= 2.0
-    return traces
+    sides = [left, *rights]
+    H, d_model, d_head = shape
+    N, M = len(left.layers) * H, len(rights)
+    width, height = plan.width, plan.height
+    # Packed pieces: the left side's [N, area], the right sides' [N, modes, area] (so that one
+    # group of right heads of every mode is one matrix); U strips [sides, N, d_head, width].
+    left_buffer, right_buffer = np.empty((N, height * width)), np.empty((N, M, height * width))
+    u_buffer = np.empty((1 + M, N, d_head, width))
+    pairs, traces = np.zeros((N, N, M)), np.zeros((N, 1 + M))
+    wide = [_wide_rows(s, slice(None)) for s in sides] if plan.whole else []
+    readers = [] if plan.whole else [_Rows(s, max(height, width)) for s in sides]
+
+    def rows(k: int, start: int, stop: int) -> np.ndarray:
+        return wide[k][:, start:stop] if plan.whole else readers[k](start, stop)
+
+    groups = _right_groups(len(left.layers), H, N, group)
+    for cs in range(0, d_model, width):
+        ce = min(cs + width, d_model)
+        c = ce - cs
+        for k, side in enumerate(sides):
+            _core.batched_matmul(side.core, np.swapaxes(rows(k, cs, ce), 1, 2), u_buffer[k, :, :, :c], False)
+        for r0 in range(0, ce, height):
+            r1 = min(r0 + height, ce)
+            area = (r1 - r0) * c
+            diagonal = np.arange(max(r0, cs), r1)
+            for k in range(1 + M):
+                target = left_buffer[:, :area] if k == 0 else right_buffer[:, k - 1, :area]
+                piece = _reshaped(target, (N, r1 - r0, c))
+                _core.batched_matmul(rows(k, r0, r1), u_buffer[k, :, :, :c], piece, False)
+                if diagonal.size:
+                    traces[:, k] += piece[:, diagonal - r0, diagonal - cs].sum(axis=1)
+                    if k == 0:
+                        piece[:, diagonal[0] - r0 :] *= 0.5
+            G = left_buffer[:, :area]
+            for right_rows, n_left in groups:
+                K = _reshaped(right_buffer[right_rows, :, :area], (-1, area))
+                _core.contract(G[:n_left], K, _reshaped(pairs[:n_left, right_rows], (n_left, -1)))
+    pairs *= 2.0
+    return _Traces(pairs, traces[:, 0], traces[:, 1:])
 
 
 def _composition(
-    W_Q: np.ndarray,
-    W_K: np.ndarray,
-    W_V: np.ndarray,
-    W_O: np.ndarray,
+    W_Q: Any,
+    W_K: Any,
+    W_V: Any,
+    W_O: Any,
     modes: Tuple[str, ...],
     *,
-    block: int = _BLOCK,
-    budget: int = _SLAB_BYTES,
+    width: int = _WIDTH,
+    budget: int = _WORK_BYTES,
     group: int = _GROUP,
 ) -> Dict[str, np.ndarray]:
-    """Composition scores [L, H, L, H] per mode from checked float64 weights."""
-    L, H = W_Q.shape[:2]
+    """Composition scores [L, H, L, H] per mode, with the strip width, the working-memory budget
+    (bytes) and the right-head group size of the contraction as parameters."""
+    Q, K, V, O = (_Weight(raw, _head_shifts(raw, budget // 8)) for raw in _raw_attention(W_Q, W_K, W_V, W_O))
+    L, H, d_model, d_head = Q.raw.data.shape
     scores = {m: np.zeros((L, H, L, H)) for m in modes}
     if L < 2:
         return scores
-    # Left heads live in layers 0..L-2, right heads in layers 1..L-1; nothing else can compose.
-    left = _left_operands(W_V[:-1], W_O[:-1], H)
-    later = (W_Q[1:], W_K[1:], W_V[1:], W_O[1:])
-    rights = {m: _right_operands(*_factors(m, *later), H) for m in modes}
-    traces = _pair_traces(left, rights, H, block, budget, group)
-    left_sq = _squared_norms(left)
-    mask = np.arange(L - 1)[:, None, None, None] < np.arange(1, L)[None, None, :, None]
-    for mode, operands in rights.items():
-        right_sq = _squared_norms(operands)
+    left, rights = _sides(Q, K, V, O, modes, budget // 8)
+    n_wide = sum(len(side.layers) * side.wide.raw.data.shape[1] for side in (left, *rights.values()))
+    row_bytes = 12 if any(w.raw.bf16 for w in (Q, K, V, O)) else 8
+    plan = _plan(1 + len(modes), (L - 1) * H, n_wide, d_model, d_head, width, budget, row_bytes)
+    traces = _pair_traces(left, list(rights.values()), plan, (H, d_model, d_head), group)
+    later = np.arange(L - 1)[:, None, None, None] < np.arange(1, L)[None, None, :, None]
+    for k, mode in enumerate(modes):
         with np.errstate(invalid="ignore", divide="ignore"):  # a zero head gives NaN, like 0/0
-            ratio = np.maximum(traces[mode], 0.0) / (left_sq[:, None] * right_sq[None, :])
+            ratio = np.maximum(traces.pairs[:, :, k], 0.0) / (traces.left[:, None] * traces.right[None, :, k])
         pairs = np.sqrt(ratio).reshape(L - 1, H, L - 1, H)
-        scores[mode][:-1, :, 1:, :] = np.where(mask, pairs, 0.0)
+        scores[mode][:-1, :, 1:, :] = np.where(later, pairs, 0.0)
     return scores
 
 
@@ -348,12 +485,21 @@ def composition_scores(
 
         ||W_OV(a) R(b)||_F^2 = tr(G_a K_b),  G_a = W_O^T (W_V^T W_V) W_O,  K_b = A (B^T B) A^T
 
-    G and K are symmetric, so only their upper block triangles are formed, a few block rows at a
-    time for all heads at once (each block row is one small GEMM per head from d_head-wide
-    factors), and the traces of every pair are one large GEMM per slab and group of layers.
-    Per pair this costs about d_model^2 / 2 multiply-adds instead of d_head^2 d_model for the
-    collapsed-SVD product TransformerLens forms; no SVD is needed. Extra memory: about 256 MB of
-    packed slabs, plus d_head x d_model operands per head and mode (the size of the weights).
+    G and K are symmetric, so only their upper triangles are formed: column strip by column
+    strip (d_model / 12 wide, at most 128), a piece of rows at a time, for all heads at once
+    (U_h = S_h A_h[strip]^T per strip, then piece = A_h[rows] U_h: small GEMMs, one head per
+    thread), and each piece's contribution to the traces of every pair is one large GEMM per
+    group of layers (float64 throughout, fixed summation order: the result does not depend on
+    the thread count). Per pair this costs about d_model^2 / 2 multiply-adds instead of
+    d_head^2 d_model for the collapsed-SVD product TransformerLens forms; no SVD is needed.
+
+    Memory: the weights are read where they are (float16/32/64 arrays or CPU tensors, bfloat16
+    tensors too), a slice at a time, never converted whole and never expanded over kv groups.
+    Beyond the inputs, the work takes a fixed budget (``_WORK_BYTES``, 2 GiB; all of it only when
+    the model is large, at least one row of a strip per head when it is huge), plus the
+    d_head x d_head cores (2 to 4 per head, d_head / d_model of the weights' size) and the scores
+    themselves. Heads whose entries are extreme (largest |entry| outside 2^-100 .. 2^100) are
+    scaled by powers of two on the fly, which changes no score.
 
     Examples
     --------
@@ -365,8 +511,7 @@ def composition_scores(
     (2, 4, 2, 4)
     """
     modes = _parse_modes(mode)
-    Q, K, V, O = (_unit_heads(W) for W in _attention_weights(W_Q, W_K, W_V, W_O))
-    scores = _composition(Q, K, V, O, modes)
+    scores = _composition(W_Q, W_K, W_V, W_O, modes)
     return scores if not isinstance(mode, str) else scores[modes[0]]
 
 
@@ -607,6 +752,12 @@ def copying_scores(W_E: Any, W_V: Any, W_O: Any, W_U: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Positional QK circuit
 # --------------------------------------------------------------------------------------------
+
+
+def _per_head(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """Grouped-query expansion along axis 1: group g serves heads g*r .. g*r + r - 1."""
+    r = n_heads // x.shape[1]
+    return x if r == 1 else np.repeat(x, r, axis=1)
 
 
 def positional_qk_scores(

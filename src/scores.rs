@@ -278,10 +278,22 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
                         top1: self.top1,
                     };
                     let mut out = BlockOut { kinds, rows: row_out.pop() };
-                    // A block with no query to score (outside the query span, padding) costs
-                    // nothing, unless its per-row values are wanted.
-                    if out.rows.is_none() && !targets.any_query(rows.clone()) {
-                        return Ok(vec![(0.0, 0); n_kinds]);
+                    // Unless its per-row values are wanted, a block costs nothing without a
+                    // query to score (outside the query span, padding), and with a query span
+                    // only the rows from its first to its last scored query are computed.
+                    if out.rows.is_none() {
+                        match targets.scored_rows(rows.clone()) {
+                            None => return Ok(vec![(0.0, 0); n_kinds]),
+                            Some(scored) if targets.queries.is_some() => {
+                                let (a, b) = (scored.start - rows.start, scored.end - rows.start);
+                                for slice in out.kinds.iter_mut() {
+                                    let whole = std::mem::take(slice);
+                                    *slice = &mut whole[a..b];
+                                }
+                                return score(scratch, *h, scored, &targets, &mut out);
+                            }
+                            Some(_) => {}
+                        }
                     }
                     score(scratch, *h, rows.clone(), &targets, &mut out)
                 })
@@ -301,11 +313,14 @@ impl<'k, 'm> QueryPlan<'k, 'm> {
 }
 
 impl BlockTargets<'_> {
-    /// Whether some row of `rows` is a query that may be scored: i >= 1, a real token, inside
-    /// the query span.
-    fn any_query(&self, rows: Range<usize>) -> bool {
-        let scored = |i: usize| self.valid.as_ref().is_none_or(|v| v[i]) && self.queries.as_ref().is_none_or(|q| q[i]);
-        (rows.start.max(1)..rows.end).any(scored)
+    /// The rows of `rows` from the first to the last query that may be scored (i >= 1, a real
+    /// token, inside the query span), None when there is none.
+    fn scored_rows(&self, rows: Range<usize>) -> Option<Range<usize>> {
+        let scored =
+            |i: &usize| self.valid.as_ref().is_none_or(|v| v[*i]) && self.queries.as_ref().is_none_or(|q| q[*i]);
+        let first = (rows.start.max(1)..rows.end).find(scored)?;
+        let last = (first..rows.end).rev().find(scored).expect("first is scored");
+        Some(first..last + 1)
     }
 }
 

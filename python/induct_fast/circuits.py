@@ -337,8 +337,11 @@ def _plan(
 
 
 def _reshaped(x: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
-    """A reshaped view (never a copy: results are written through it)."""
-    view: np.ndarray = x.reshape(shape, copy=False)
+    """A reshaped view (never a copy: results are written through it). ``reshape(copy=False)``
+    needs numpy >= 2.1; we support numpy >= 1.22, so the view is checked instead."""
+    view: np.ndarray = x.reshape(shape)
+    if not np.may_share_memory(view, x):
+        raise AssertionError(f"internal: reshaping {x.shape} to {shape} would copy")  # pragma: no cover
     return view
 
 

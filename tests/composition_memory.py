@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
+from peak_memory import measure
 
 from induct_fast import circuits
 
@@ -34,14 +34,6 @@ def weights(L: int, H: int, H_kv: int, d_model: int, d_head: int, dtype: str, se
     return [rng.standard_normal(s, dtype=np.float32) for s in shapes]
 
 
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def main() -> None:
     L, H, H_kv, d_model, d_head = (int(v) for v in sys.argv[1:6])
     dtype = sys.argv[6]
@@ -50,13 +42,9 @@ def main() -> None:
     W = weights(L, H, H_kv, d_model, d_head, dtype)
     inputs = sum(int(np.prod(w.shape)) * (2 if dtype == "bfloat16" else 4) for w in W)
     circuits._composition(*(w[:2, :1] for w in W), modes)  # first-call costs (imports, thread pool)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status_bytes("VmRSS")
-    start = time.perf_counter()
-    scores = circuits._composition(*W, modes, budget=budget)
-    seconds = time.perf_counter() - start
-    growth = status_bytes("VmHWM") - before
+    scores: dict = {}
+    result = measure(lambda: scores.update(circuits._composition(*W, modes, budget=budget)))
+    growth, seconds = result["growth"], result["seconds"]
     outputs = sum(s.nbytes for s in scores.values())
     sample = {m: s[0, 0, 1, : min(H, 4)].tolist() for m, s in scores.items()}
     print(json.dumps({"growth": growth, "seconds": seconds, "inputs": inputs, "outputs": outputs, "sample": sample}))

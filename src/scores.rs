@@ -5,6 +5,9 @@
 //!   so positional kinds cost O(n) per head and token kinds O(n + |T|).
 //! * Padding (an optional `mask`, false = padding): padding positions are neither queries (NaN,
 //!   left out of every mean, entropy included) nor targets (dropped from every T(i)).
+//! * [`TargetMeasure::Top1`]: the value is whether the row's argmax is a target (whole rows are
+//!   read, O(n^2) per head); [`Spans`] narrow the scored queries and the target keys, and blocks
+//!   of rows with no query to score are never read.
 //! * [`head_scores`]: the mean of those over eligible queries, the score of a head, summed
 //!   block by block without materialising the per-query values.
 //! * [`detection_scores`]: TransformerLens `head_detector`'s `mul` and `abs` formulas, which need

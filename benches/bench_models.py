@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import induct_fast as inf
+from _words import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY = ROOT / "tests" / "model_memory.py"
@@ -76,20 +77,9 @@ def transformer_lens_detect_head(batch: int, period: int) -> None:
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.head_detector import detect_head
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
 
     vocab = 1024
-    # One word per id; the special tokens are all "w0" (id 0, the BOS), a word no other word starts
-    # with, since the tokenizer splits words around special tokens.
-    words = Tokenizer(WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    words.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="w0", bos_token="w0", eos_token="w0", pad_token="w0", add_bos_token=True
-    )
-    tokenizer.init_kwargs["name_or_path"] = "in-memory"  # TransformerLens reads it; nothing is downloaded
+    tokenizer = word_tokenizer(vocab)
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=4, d_model=256, n_ctx=4 * period, d_head=32, n_heads=8, n_key_value_heads=2, d_mlp=688,

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 import induct_fast as inf
+from _words import word_tokenizer
 
 KINDS = ("previous_token", "duplicate_token", "induction")
 
@@ -311,20 +312,11 @@ def transformer_lens_detect_head(repeats: int) -> None:
     point: both sides compute the same formulas, checked first); one prompt, since detect_head
     takes a cache for a single prompt only."""
     import torch
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.head_detector import detect_head
-    from transformers import PreTrainedTokenizerFast
 
     vocab, period, n_layers, n_heads = 1024, 511, 4, 8
-    words = Tokenizer(WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    words.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="w0", bos_token="w0", eos_token="w0", pad_token="w0", add_bos_token=True
-    )
-    tokenizer.init_kwargs["name_or_path"] = "in-memory"  # TransformerLens reads it; nothing is downloaded
+    tokenizer = word_tokenizer(vocab)
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(
         n_layers=n_layers, d_model=256, n_ctx=2 * period + 2, d_head=32, n_heads=n_heads, d_vocab=vocab, attn_only=True,

@@ -442,19 +442,15 @@ impl<T: Real> Line<'_, T> {
         }
     }
 
-    /// Calls `f(k, element k)` for every k in `ks`, in order, and for every [`SUM_GROUP`]-th k
-    /// (k - ks.start a multiple) first hints the CPU to load element k of `ahead` (another line,
-    /// or this one further on), as [`Line::sum_in_order`] does. Panics when `ks` runs past the
-    /// line. `ahead` may run past its own end: a prefetch never faults and reads nothing
-    /// observable, so its element k is only an address.
+    /// Calls `f(k, element k)` for every k in `ks`, in order, and before each read hints the
+    /// CPU to load element k of `ahead` (another line, or this one further on). Panics when `ks`
+    /// runs past the line. `ahead` may run past its own end: a prefetch never faults and reads
+    /// nothing observable, so its element k is only an address.
     #[inline(always)]
     pub fn each(&self, ks: std::ops::Range<usize>, ahead: &Line<'_, T>, mut f: impl FnMut(usize, T)) {
         assert!(ks.end <= self.len, "rows {ks:?} past a line of {}", self.len);
-        let start = ks.start;
         for k in ks {
-            if (k - start) % SUM_GROUP == 0 {
-                ahead.prefetch(k);
-            }
+            ahead.prefetch(k);
             // SAFETY: k < len, so row first + k is in range and so is its element.
             f(k, unsafe { *self.ptr.offset(k as isize * self.step) });
         }

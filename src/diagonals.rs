@@ -222,7 +222,7 @@ impl<T: Real> Block<'_, '_, '_, T> {
     /// (sum, count) over the eligible rows, each value written to `out[i]` (the head's [n]
     /// values) when given; `mask` is the head's padding flags (true = a real token).
     #[inline(always)]
-    fn sum(&self, mask: Option<&[bool]>, mut out: Option<&mut [f64]>) -> Result<(f64, usize)> {
+    fn sum(&self, mask: Option<&[bool]>, out: Option<&mut [f64]>) -> Result<(f64, usize)> {
         let Key { along, back } = self.key;
         let (start, end, n) = (self.rows.start, self.rows.end, self.a.n());
         let lo = self.key.first_row(self.first_key);
@@ -248,7 +248,7 @@ impl<T: Real> Block<'_, '_, '_, T> {
         let far = self.next.zip(far_row).map(|(next, row)| next.line(along, back, row));
         let tail = line.skip(split - e0);
         let (mut sum, mut count) = (0.0, 0usize);
-        match (mask, self.scales, out.as_deref_mut()) {
+        match (mask, self.scales, out) {
             (None, None, None) if tight => {
                 // The hot loop of head scores. The general path adds `0 + 1 · A[i, j]`; here
                 // A[i, j] itself, the same sum bit for bit: 1 · x is x, and 0 + x differs from x

@@ -430,6 +430,10 @@ impl<T: Real> Line<'_, T> {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The line from its element k on (k <= len).
     pub fn skip(&self, k: usize) -> Self {
         assert!(k <= self.len, "skip {k} past a line of {}", self.len);

@@ -11,7 +11,17 @@
 //! entry named by its index, checked only once a block's sum is not finite). Parallel tasks are
 //! whole heads (several per task when heads are small), so results never depend on the number of
 //! threads.
+//!
+//! A block walks its diagonal or column as a `stack::Line` (a pointer and a step: no index
+//! arithmetic or bounds check per row). Diagonal head scores without padding or exclude_bos, the
+//! common request, take `Line::sum_in_order`: a loop of about two instructions per row
+//! (hand-written for f32 on x86-64) with one prefetch per 8 rows, `AHEAD_ROWS` ahead. The walk
+//! is bound by misses in flight (each row its own cache line and page), and a tight loop lets
+//! the out-of-order window reach further ahead. Per-query values, masks, exclude_bos and column
+//! 0 take a general loop over the same walk that prefetches every row `LOOKAHEAD_ROWS` ahead.
+//! Either way the last rows of a head prefetch the next head's first.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use ndarray::{ArrayD, ArrayView1, IxDyn};
@@ -39,6 +49,18 @@ struct Key {
     back: usize,
 }
 
+impl Key {
+    /// The first query with a target: i >= 1 (query 0 never is eligible) and a key >= first_key
+    /// (usize::MAX: none, column 0 under exclude_bos).
+    fn first_row(self, first_key: usize) -> usize {
+        match self.along {
+            0 if first_key > 0 => usize::MAX,
+            0 => 1,
+            _ => (self.back + first_key).max(1),
+        }
+    }
+}
+
 fn key_of(kind: Kind) -> Option<Key> {
     let diagonal = |back| Some(Key { along: 1, back });
     match kind {
@@ -50,9 +72,25 @@ fn key_of(kind: Kind) -> Option<Key> {
     }
 }
 
+/// How many rows ahead the walk prefetches, one row in every `stack::SUM_GROUP` (8): every
+/// row's element sits on its own cache line, 4 KB and more from the last, where hardware
+/// prefetchers do not follow, so the walk is bound by how many misses are in flight. Its own
+/// constant (the general path prefetches every row `targets::LOOKAHEAD_ROWS` ahead): on Zen 3,
+/// 288 heads of 1024, one thread, 96 to 192 rows ran alike (0.90-0.92x numpy's strided sum),
+/// 48 at 0.85x, and a prefetch of every row 32 or 48 ahead was slower than one in 8. (A likely
+/// cause: at a row stride of 4096 + 4 bytes, 16 consecutive rows share an 8-way L1 set, so
+/// lines prefetched for every row evict each other before they are read.)
+const AHEAD_ROWS: usize = 128;
+
 /// Entries a parallel task reads at least (whole heads per task): small heads are grouped so
-/// that scheduling costs less than the work.
-const TASK_ENTRIES: usize = 32 * 1024;
+/// that scheduling costs less than the work. Small enough that a stack splits into many tasks
+/// (288 heads of 1024: 36), so threads finish together: with 32K, 9 tasks on 2 threads ran 5
+/// against 4.
+const TASK_ENTRIES: usize = 8 * 1024;
+
+/// A request reading at most this many entries is one task, run on the calling thread (waking
+/// the pool costs more than such reads take).
+const SERIAL_ENTRIES: usize = 32 * 1024;
 
 /// Per-query scores `[kinds, *lead, n]` or head scores `[kinds, *lead]` of positional kinds
 /// (see [`positional_fast_path`]); `valid(h)` is head h's padding mask (None: no padding).
@@ -68,7 +106,9 @@ pub(crate) fn positional_scores<'m, T: Real>(
     debug_assert_eq!(keys.len(), kinds.len(), "positional kinds only");
     let (n, n_heads, n_kinds) = (stack.n(), stack.n_heads(), keys.len());
     let per_query = reduce == Reduce::PerQuery;
-    let heads_per_task = (TASK_ENTRIES / (n * n_kinds).max(1)).max(1);
+    let per_head = (n * n_kinds).max(1);
+    let heads_per_task =
+        if n_heads * per_head <= SERIAL_ENTRIES { n_heads.max(1) } else { (TASK_ENTRIES / per_head).max(1) };
     let n_tasks = n_heads.div_ceil(heads_per_task);
     let mut values = if per_query { vec![f64::NAN; n_kinds * n_heads * n] } else { Vec::new() };
     // Per task, one slice per kind: that kind's values of the task's heads.
@@ -86,20 +126,29 @@ pub(crate) fn positional_scores<'m, T: Real>(
         // [kinds, heads of the task]
         let mut totals = vec![(0.0, 0usize); n_kinds * heads.len()];
         let mut scales = [1.0; BLOCK_ROWS];
+        // Each head's matrix is found once (`head` divides by every leading axis): as the next
+        // head of the previous one.
+        let mut this = (!heads.is_empty()).then(|| stack.head(heads.start));
         for (local, h) in heads.clone().enumerate() {
-            let a = stack.head(h);
-            let mask = valid(h);
+            let a = this.expect("the task's next head");
+            // The last rows of a head prefetch the first ones of the next (usually the next this
+            // thread reads; if another thread does, the prefetch only cost an instruction).
+            let next = (h + 1 < n_heads).then(|| stack.head(h + 1));
+            this = next;
+            let mask = valid(h).map(|m| match m.to_slice() {
+                Some(flags) => Cow::Borrowed(flags),
+                None => Cow::Owned(m.to_vec()),
+            });
             for rows in (0..n).step_by(BLOCK_ROWS).map(|s| s..(s + BLOCK_ROWS).min(n)) {
                 if options.exclude_bos {
                     bos_scales(&mut scales, stack, &a, h, rows.clone())?;
                 }
                 for (k, &key) in keys.iter().enumerate() {
                     let o = out.get_mut(k).map(|o| &mut o[local * n..(local + 1) * n]);
-                    let block = Block { stack, a: &a, h, rows: rows.clone(), key, first_key, scales: &scales };
-                    let (sum, count) = match &mask {
-                        None => block.sum(|_| true, o)?,
-                        Some(m) => block.sum(|j| m[j], o)?,
-                    };
+                    let scales = options.exclude_bos.then_some(&scales);
+                    let block =
+                        Block { stack, a: &a, next: next.as_ref(), h, rows: rows.clone(), key, first_key, scales };
+                    let (sum, count) = block.sum(mask.as_deref(), o)?;
                     let total = &mut totals[k * heads.len() + local];
                     total.0 += sum;
                     total.1 += count;
@@ -158,48 +207,79 @@ fn bos_scales<T: Real>(
 struct Block<'b, 's, 'a, T> {
     stack: &'b MatrixStack<'s, T>,
     a: &'b Matrix<'a, T>,
+    /// The head after `a` in the stack, if any.
+    next: Option<&'b Matrix<'a, T>>,
     h: usize,
     rows: Range<usize>,
     key: Key,
     first_key: usize,
-    scales: &'b [f64; BLOCK_ROWS],
+    /// The exclude_bos factors of the block's rows (None without exclude_bos: all 1, and left
+    /// out, as mass · 1 is mass).
+    scales: Option<&'b [f64; BLOCK_ROWS]>,
 }
 
 impl<T: Real> Block<'_, '_, '_, T> {
     /// (sum, count) over the eligible rows, each value written to `out[i]` (the head's [n]
-    /// values) when given.
+    /// values) when given; `mask` is the head's padding flags (true = a real token).
     #[inline(always)]
-    fn sum(&self, valid: impl Fn(usize) -> bool, mut out: Option<&mut [f64]>) -> Result<(f64, usize)> {
+    fn sum(&self, mask: Option<&[bool]>, out: Option<&mut [f64]>) -> Result<(f64, usize)> {
         let Key { along, back } = self.key;
-        let (start, end) = (self.rows.start, self.rows.end);
-        // Queries with a target: i >= 1 (query 0 never is eligible) and a key >= first_key.
-        let lowest = if along == 0 {
-            if self.first_key > 0 {
-                end
-            } else {
-                1
-            }
-        } else {
-            back + self.first_key
-        };
-        let eligible = start.max(1).max(lowest).min(end)..end;
+        let (start, end, n) = (self.rows.start, self.rows.end, self.a.n());
+        let lo = self.key.first_row(self.first_key);
+        let eligible = start.max(lo).min(end)..end;
+        if eligible.is_empty() {
+            return Ok((0.0, 0));
+        }
+        let e0 = eligible.start;
+        let line = self.a.line(along, back, e0);
+        // The tight loop for diagonals of head scores; per-query values, masks, exclude_bos and
+        // column 0 take the general loop, which prefetches every row as the general path does
+        // (measured faster for it: 288 heads of 1024, one thread, the column 0.87x and masks
+        // 0.81x of that with the tight loop's one in 8 rows AHEAD_ROWS ahead). A column's rows
+        // are exactly a row stride apart, so its lines crowd fewer cache sets than a diagonal's.
+        let tight = mask.is_none() && self.scales.is_none() && out.is_none() && along == 1;
+        let ahead = if tight { AHEAD_ROWS } else { LOOKAHEAD_ROWS };
+        // Rows before `split` prefetch `ahead` rows further down this head; the rest prefetch
+        // the next head's first eligible rows, or (no next head) their own element.
+        let split = n.saturating_sub(ahead).clamp(e0, end);
+        let near = (split > e0).then(|| self.a.line(along, back, e0 + ahead));
+        // (split < end: then split >= n - ahead.)
+        let far_row = (split < end).then(|| lo + (split + ahead - n)).filter(|&r| r < n);
+        let far = self.next.zip(far_row).map(|(next, row)| next.line(along, back, row));
+        let tail = line.skip(split - e0);
         let (mut sum, mut count) = (0.0, 0usize);
-        for i in eligible.clone() {
-            let j = i * along - back;
-            // Scattered reads (a row per page): start those of later rows now.
-            self.a.prefetch(i + LOOKAHEAD_ROWS, (i + LOOKAHEAD_ROWS) * along - back);
-            if valid(j) && valid(i) {
-                // The general path's mass accumulator: 0 + weight 1 · A[i, j], then scaled.
-                let mass = 0.0 + 1.0 * self.a.get(i, j).to_f64();
-                let value = mass * self.scales[i - start];
-                sum += value;
-                count += 1;
-                if let Some(o) = out.as_deref_mut() {
-                    o[i] = value;
+        match (mask, self.scales, out) {
+            (None, None, None) if tight => {
+                // The hot loop of head scores. The general path adds `0 + 1 · A[i, j]`; here
+                // A[i, j] itself, the same sum bit for bit: 1 · x is x, and 0 + x differs from x
+                // only for x = -0, which leaves a sum unchanged unless the sum is -0 — and a sum
+                // started at +0 never becomes -0 (round to nearest: -0 only comes of -0 + -0).
+                if let Some(near) = &near {
+                    sum = line.sum_in_order(0..split - e0, near, sum);
                 }
+                sum = tail.sum_in_order(0..end - split, far.as_ref().unwrap_or(&tail), sum);
+                count = end - e0;
+            }
+            (mask, scales, mut out) => {
+                let mut add = |i: usize, x: T| {
+                    if mask.is_none_or(|m| m[i * along - back] && m[i]) {
+                        let mass = 0.0 + 1.0 * x.to_f64();
+                        let value = scales.map_or(mass, |s| mass * s[i - start]);
+                        sum += value;
+                        count += 1;
+                        if let Some(o) = out.as_deref_mut() {
+                            o[i] = value;
+                        }
+                    }
+                };
+                if let Some(near) = &near {
+                    line.each(0..split - e0, near, |k, x| add(e0 + k, x));
+                }
+                tail.each(0..end - split, far.as_ref().unwrap_or(&tail), |k, x| add(split + k, x));
             }
         }
         if !sum.is_finite() {
+            let valid = |j: usize| mask.is_none_or(|m| m[j]);
             let bad = eligible.clone().find(|&i| {
                 let j = i * along - back;
                 valid(j) && valid(i) && !self.a.get(i, j).to_f64().is_finite()

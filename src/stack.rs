@@ -19,6 +19,19 @@ pub trait Real: Copy + Send + Sync + 'static {
         lane_sum(s, abs)
     }
 
+    /// `sum` plus the `len` elements `ptr + k·step` (k < len), widened to f64 and added one at
+    /// a time in order, with one prefetch of `ahead + k·step` per [`SUM_GROUP`] elements (at
+    /// the group's first k). The kernel of [`Line::sum_in_order`].
+    ///
+    /// # Safety
+    /// The `len` elements must lie inside one borrowed array (`ahead` need not: it is only
+    /// prefetched).
+    #[inline(always)]
+    unsafe fn sum_strided(ptr: *const Self, step: isize, len: usize, ahead: *const Self, sum: f64) -> f64 {
+        // SAFETY: the caller's contract.
+        unsafe { sum_strided_loop(ptr, step, len, ahead, sum) }
+    }
+
     /// `chunk` as f32 values, for kernels that read f32 lanes: f32 itself in place, types that
     /// f32 holds exactly (f16, ...) converted into `buf` (at least `chunk.len()` long). None, the
     /// default, for types f32 cannot hold exactly (f64): those kernels then take their generic path.
@@ -74,6 +87,13 @@ impl Real for f32 {
     #[inline]
     fn as_f32<'a>(chunk: &'a [f32], _buf: &'a mut [f32]) -> Option<&'a [f32]> {
         Some(chunk)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn sum_strided(ptr: *const f32, step: isize, len: usize, ahead: *const f32, sum: f64) -> f64 {
+        // SAFETY: the caller's contract.
+        unsafe { sum_strided_f32(ptr, step, len, ahead, sum) }
     }
 }
 
@@ -258,6 +278,23 @@ impl<'a, T: Real> Matrix<'a, T> {
         let _ = (i, j);
     }
 
+    /// The line of elements A[i, i·along - back] (along 0: a column, along 1: a diagonal) for
+    /// the rows i from `first` to the last: element k of the line is row `first + k`'s. Panics
+    /// unless A[first, first·along - back] is in range (then every later row's element is).
+    pub fn line(&self, along: usize, back: usize, first: usize) -> Line<'a, T> {
+        assert!(along <= 1, "a line moves at most one column per row");
+        let j = (first * along).checked_sub(back);
+        assert!(first < self.n && j.is_some_and(|j| j < self.n), "line start ({first}, {j:?}) out of range");
+        let offset = first as isize * self.row_stride + j.unwrap_or(0) as isize * self.col_stride;
+        Line {
+            // SAFETY: (first, j) is in range, so the offset addresses an element of the view.
+            ptr: unsafe { self.ptr.offset(offset) },
+            step: self.row_stride + along as isize * self.col_stride,
+            len: self.n - first,
+            _borrow: PhantomData,
+        }
+    }
+
     /// Row i as a slice when its elements are adjacent in memory.
     #[inline]
     pub fn row_slice(&self, i: usize) -> Option<&'a [T]> {
@@ -272,6 +309,178 @@ impl<'a, T: Real> Matrix<'a, T> {
     #[inline]
     pub fn row(&self, i: usize) -> impl Iterator<Item = T> + '_ {
         (0..self.n).map(move |j| self.get(i, j))
+    }
+}
+
+/// Elements per group of [`Real::sum_strided`]: one prefetch per group.
+pub const SUM_GROUP: usize = 8;
+
+/// [`Real::sum_strided`] as plain Rust (one prefetch per group of [`SUM_GROUP`]).
+///
+/// # Safety
+/// As [`Real::sum_strided`].
+#[inline(always)]
+unsafe fn sum_strided_loop<T: Real>(ptr: *const T, step: isize, len: usize, ahead: *const T, mut sum: f64) -> f64 {
+    for k in 0..len {
+        if k % SUM_GROUP == 0 {
+            prefetch(ahead.wrapping_offset(k as isize * step));
+        }
+        // SAFETY: k < len (the caller's contract).
+        sum += unsafe { *ptr.offset(k as isize * step) }.to_f64();
+    }
+    sum
+}
+
+/// Hints the CPU to load the cache line of `p` (any address: a prefetch never faults and reads
+/// nothing observable).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as above; no memory is read.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// [`Real::sum_strided`] for f32 in hand-scheduled x86-64: per element one `cvtss2sd` from
+/// memory and one `addsd` (the same widening and the same adds in the same order as the loop,
+/// so the same bits), with the group's eight addresses formed by the addressing modes from
+/// three registers (p + {0, 1, 2, 4}·step, r + {0, 2, 4}·step with r = p + 3·step, p + 6·step).
+/// LLVM's version of the loop spends an add per element on the address and a separate load:
+/// about 4.4 instructions per element against 2.4 here, and this walk is bound by how many rows
+/// ahead the out-of-order window reaches (its misses in flight). Measured on Zen 3, 288 heads
+/// of 1024: 4.3 against 4.7 ns per element (numpy's strided sum: 4.4).
+///
+/// # Safety
+/// As [`Real::sum_strided`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum_strided_f32(ptr: *const f32, step: isize, len: usize, ahead: *const f32, mut sum: f64) -> f64 {
+    let groups = len / SUM_GROUP;
+    let bytes = step * 4;
+    if groups > 0 {
+        // SAFETY: the asm reads the 8·groups elements ptr + k·step, k < 8·groups <= len, all
+        // in range by the caller's contract; it only prefetches through `ahead` and writes
+        // nothing but its registers.
+        unsafe {
+            std::arch::asm!(
+                "2:",
+                "prefetcht0 [{q}]",
+                "lea {r}, [{p} + {s3}]",
+                "cvtss2sd {x}, dword ptr [{p}]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{p} + {s1}]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{p} + {s1}*2]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{r}]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{p} + {s1}*4]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{r} + {s1}*2]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{p} + {s3}*2]",
+                "addsd {sum}, {x}",
+                "cvtss2sd {x}, dword ptr [{r} + {s1}*4]",
+                "addsd {sum}, {x}",
+                "add {p}, {s8}",
+                "add {q}, {s8}",
+                "dec {g}",
+                "jnz 2b",
+                p = inout(reg) ptr as *const u8 => _,
+                q = inout(reg) ahead as *const u8 => _,
+                g = inout(reg) groups => _,
+                r = out(reg) _,
+                s1 = in(reg) bytes,
+                s3 = in(reg) 3 * bytes,
+                s8 = in(reg) 8 * bytes,
+                x = out(xmm_reg) _,
+                sum = inout(xmm_reg) sum,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+    }
+    let done = groups * SUM_GROUP;
+    // SAFETY: the rest, elements done..len, as the loop (prefetching past `ahead` is harmless).
+    let (rest, rest_ahead) = (ptr.wrapping_offset(done as isize * step), ahead.wrapping_offset(done as isize * step));
+    unsafe { sum_strided_loop(rest, step, len - done, rest_ahead, sum) }
+}
+
+/// Elements of a matrix one row apart at a constant stride ([`Matrix::line`]): the walk of a
+/// diagonal or a column as a pointer and a step, so the kernel that reads one element per row
+/// pays no index arithmetic or bounds check per element.
+#[derive(Clone, Copy)]
+pub struct Line<'a, T> {
+    ptr: *const T,
+    /// Elements from one row's element to the next's.
+    step: isize,
+    len: usize,
+    _borrow: PhantomData<&'a T>,
+}
+
+// SAFETY: a Line only reads through its pointer, like the `&'a T` it stands for.
+unsafe impl<T: Sync> Send for Line<'_, T> {}
+unsafe impl<T: Sync> Sync for Line<'_, T> {}
+
+impl<T: Real> Line<'_, T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The line from its element k on (k <= len).
+    pub fn skip(&self, k: usize) -> Self {
+        assert!(k <= self.len, "skip {k} past a line of {}", self.len);
+        Line {
+            // Wrapping: with k == len the address lies a step past the last row's element (an
+            // empty line, never read).
+            ptr: self.ptr.wrapping_offset(k as isize * self.step),
+            len: self.len - k,
+            ..*self
+        }
+    }
+
+    /// Calls `f(k, element k)` for every k in `ks`, in order, and before each read hints the
+    /// CPU to load element k of `ahead` (another line, or this one further on). Panics when `ks`
+    /// runs past the line. `ahead` may run past its own end: a prefetch never faults and reads
+    /// nothing observable, so its element k is only an address.
+    #[inline(always)]
+    pub fn each(&self, ks: std::ops::Range<usize>, ahead: &Line<'_, T>, mut f: impl FnMut(usize, T)) {
+        assert!(ks.end <= self.len, "rows {ks:?} past a line of {}", self.len);
+        for k in ks {
+            ahead.prefetch(k);
+            // SAFETY: k < len, so row first + k is in range and so is its element.
+            f(k, unsafe { *self.ptr.offset(k as isize * self.step) });
+        }
+    }
+
+    /// `sum` plus the elements `ks`, widened to f64 and added one at a time in order (so the
+    /// result is the plain loop's, bit for bit), with one prefetch per [`SUM_GROUP`] elements: of
+    /// `ahead`'s element k at the group's first k (as [`Line::each`]). `ahead` must step like
+    /// this line (a line of the same stack and key). Panics when `ks` runs past the line.
+    #[inline(always)]
+    pub fn sum_in_order(&self, ks: std::ops::Range<usize>, ahead: &Line<'_, T>, sum: f64) -> f64 {
+        assert!(ks.end <= self.len, "rows {ks:?} past a line of {}", self.len);
+        assert_eq!(ahead.step, self.step, "a lookahead line steps like the line");
+        if ks.is_empty() {
+            return sum;
+        }
+        let k = ks.start as isize * self.step;
+        // SAFETY: the ks.len() elements from element ks.start are in range (ks.end <= len);
+        // the lookahead is only prefetched.
+        unsafe { T::sum_strided(self.ptr.offset(k), self.step, ks.len(), ahead.ptr.wrapping_offset(k), sum) }
+    }
+
+    /// Hints the CPU to load element k (only an address: k may lie past the line).
+    #[inline(always)]
+    pub fn prefetch(&self, k: usize) {
+        prefetch(self.ptr.wrapping_offset(k as isize * self.step));
     }
 }
 
@@ -403,6 +612,34 @@ mod tests {
         let widened: Vec<f32> = narrow.iter().map(|&v| bf16_to_f32(v)).collect();
         for abs in [false, true] {
             assert_eq!(bf16::sum_widened(&narrow, abs).to_bits(), f32::sum_widened(&widened, abs).to_bits());
+        }
+    }
+
+    #[test]
+    fn lines_sum_like_the_plain_loop() {
+        // Every length up to past a few groups, transposed and flipped (negative step) views,
+        // values whose rounding shows the order of the adds, -0 and large entries.
+        let n = 37;
+        let a = Array::from_shape_fn(IxDyn(&[n, n]), |ix| match (ix[0] * 31 + ix[1] * 7) % 23 {
+            0 => -0.0,
+            1 => 1e30,
+            v => (v as f32 - 11.3) / (ix[0] as f32 + 0.7),
+        });
+        let mut flipped = a.view();
+        flipped.invert_axis(ndarray::Axis(0));
+        for view in [a.view(), a.t().into_dyn(), flipped] {
+            let m = MatrixStack::new("a", view.clone()).unwrap();
+            let m = m.head(0);
+            for (along, back) in [(1, 0), (1, 1), (1, 5), (0, 0)] {
+                for first in back.max(1)..n {
+                    let line = m.line(along, back, first);
+                    for len in 0..=line.len() {
+                        let want = (first..first + len).fold(0.25, |s, i| s + m.get(i, i * along - back) as f64);
+                        let got = line.sum_in_order(0..len, &line, 0.25);
+                        assert_eq!(got.to_bits(), want.to_bits(), "first {first}, len {len}");
+                    }
+                }
+            }
         }
     }
 

@@ -364,7 +364,8 @@ unsafe fn sum_strided_f32(ptr: *const f32, step: isize, len: usize, ahead: *cons
     if groups > 0 {
         // SAFETY: the asm reads the 8·groups elements ptr + k·step, k < 8·groups <= len, all
         // in range by the caller's contract; it only prefetches through `ahead` and writes
-        // nothing but its registers.
+        // nothing but its registers (and the flags: `add` and `dec` set them, so no
+        // `preserves_flags`).
         unsafe {
             std::arch::asm!(
                 "2:",
@@ -399,7 +400,7 @@ unsafe fn sum_strided_f32(ptr: *const f32, step: isize, len: usize, ahead: *cons
                 s8 = in(reg) 8 * bytes,
                 x = out(xmm_reg) _,
                 sum = inout(xmm_reg) sum,
-                options(nostack, readonly, preserves_flags),
+                options(nostack, readonly),
             );
         }
     }

@@ -112,20 +112,26 @@ pub const F32_CHUNK: usize = 2040;
 /// * e^d (d = x - M <= 0, in f64) is 2^k · e^r with k = round(d / ln 2), r = d - k ln 2 (two-FMA
 ///   Cody-Waite: r is exact up to one rounding), |r| <= ln2/2; 2^k is added to the exponent bits
 ///   of e^r (no table, no multiply), and e^r is a degree-10 polynomial fitted for least maximum
-///   relative error on |r| <= ln2/2 with p(0) = 1 exactly ([`POLY`]): its error is below 2.3e-16
-///   relative, and with the rounding of r and of the Horner steps each e^d is within 5e-16 of
-///   e^d (4.0e-16 measured against libm; the test holds it to 1.3e-15), so the sum is, and the
-///   log-sum-exp within ~5e-16 absolute. d is clamped at -700 first (e^-700 < 1e-304: a
+///   relative error on |r| <= ln2/2 with p(0) = 1 exactly (`lanes::POLY`), by Horner's scheme.
+///   Its error is below 2.3e-16 relative; with the rounding of r (< 3e-17) and of the Horner
+///   steps (< 1.6e-16) each e^d is within 4.5e-16 of e^d (4.0e-16 measured against libm; the
+///   test holds it to 1.3e-15), so the sum is, up to the rounding of its own f64 additions, and
+///   the log-sum-exp as close in absolute terms. d is clamped at -700 first (e^-700 < 1e-304: a
 ///   vocabulary of any size moves a sum >= 1 by nothing measurable), which keeps 2^k a normal
 ///   number.
 ///
-/// The exp pass runs as inline assembly ([`sum_exp`]), 6 vectors (24 values) per step with every
-/// register placed by hand: per 4 values it issues 13 FMAs (the bound: Zen 3 has two FMA pipes)
-/// and ~8 other vector operations, with each constant loaded once per step for all 6 vectors.
-/// The same arithmetic written with intrinsics ([`exp4`], used for the tails and tested against
-/// libm) compiles to ~1.5x the operations: LLVM reloads constants with broadcasts and spills, and
-/// the loop ends up bound by instruction throughput rather than the FMA pipes. Both give the
-/// same bits for every finite d (the same operations in the same order).
+/// The exp pass runs as inline assembly (`lanes::sum_exp`), 6 vectors (24 values) per step with
+/// every register placed by hand: per 4 values it issues 13 FMAs (the bound: Zen 3 has two FMA
+/// pipes, so 1.6 cycles per value; measured ~1.9 from L1) and ~8 other vector operations, with
+/// each constant loaded once per step for all 6 vectors. The same arithmetic written with
+/// intrinsics (`lanes::exp4`, used for the tails and tested against libm) compiles to ~1.5x the
+/// instructions (LLVM re-broadcasts constants from memory and spills) and runs ~1.5x slower.
+/// Both give the same bits for every finite d (the same operations in the same order; tested).
+///
+/// Not used, measured on Zen 3: the previous kernel's 4-entry table of 2^(j/4) (degree 7 would
+/// do, but its `vpermd` takes two FMA-pipe slots, so 13 FMA-pipe operations again, plus 6
+/// integer ones); more vectors per step (7: no gain; 8: the registers run out and r must be
+/// read from memory, 25% slower); the next chunk's max taken inside this loop (no gain).
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod lanes {
     use std::arch::x86_64::*;
@@ -252,10 +258,11 @@ pub(crate) mod lanes {
     const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
     const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
     /// p(r) = 1 + c1 r + ... + c10 r^10 ≈ e^r on |r| <= ln2/2, coefficients c10 down to c0 = 1.
-    /// Computed for this kernel by the Remez exchange algorithm on the relative error
-    /// |p(r) e^-r - 1| with c0 fixed at 1 (so e^0 is exactly 1), in 60-digit arithmetic (mpmath),
-    /// then rounded to f64: the equioscillation level is 2.20e-16, and 2.29e-16 with the
-    /// rounded coefficients (checked on 20001 points). They stay within 3e-9 relative of 1/k!.
+    /// Computed for this kernel by `tools/exp_minimax.py` (which prints these lines): the Remez
+    /// exchange algorithm on the relative error |p(r) e^-r - 1| with c0 fixed at 1 (so e^0 is
+    /// exactly 1), in 60-digit arithmetic (mpmath), then rounded to f64. The equioscillation
+    /// level is 2.20e-16, 2.29e-16 with the rounded coefficients (on 20001 points); degree 9
+    /// would give 1.5e-14. Taylor's 1/k! would need degree 12 for the same error.
     const POLY: [f64; 11] = [
         f64::from_bits(0x3E92_7315_E248_7DFE), // c10 ≈ 2.7491976e-7  (1/10! = 2.7557319e-7)
         f64::from_bits(0x3EC7_2F78_5958_C47B), // c9  ≈ 2.7639187e-6  (1/9!  = 2.7557319e-6)
@@ -400,6 +407,7 @@ pub(crate) mod lanes {
     /// so 6 independent chains are in flight, and sums them into ymm14 (vectors 0, 2, 4) and
     /// ymm15 (1, 3, 5). Registers: vector v holds d, then r, in ymm(2v) and t, k, then p in
     /// ymm(2v + 1); ymm12 the current constant, ymm13 the max M.
+    #[rustfmt::skip]
     macro_rules! exp_loop {
         ($clamp:expr) => {
             concat!(

@@ -100,8 +100,8 @@ def tl_copying_scores(W_E, W_V, W_O, W_U, layers):
 
 def composition_macs(L, H, H_kv, d_model, d_head, modes):
     """Multiply-adds of one composition_scores call with `modes` (a string), counted from the plan
-    it runs: the U = S A^T strips, the per-head pieces and the contraction GEMMs (the
-    d_head x d_head cores, ~1%, are left out)."""
+    it runs: the d_head x d_head cores S = B^T B (one per head or kv head of each side, ~8%), the
+    U = S A^T strips, the per-head pieces and the contraction GEMMs."""
     from induct_fast import circuits
 
     n_modes = len(modes)
@@ -109,7 +109,8 @@ def composition_macs(L, H, H_kv, d_model, d_head, modes):
     n_wide = (L - 1) * (H + sum(H if m == "Q" else H_kv for m in modes))  # W_O; W_Q or W_K / W_V
     plan = circuits._plan(1 + n_modes, N, n_wide, d_model, d_head, circuits._WIDTH, circuits._WORK_BYTES)
     groups = circuits._right_groups(L - 1, H, N)
-    macs = 0
+    core_heads = (L - 1) * (H_kv + sum(H_kv if m == "Q" else H for m in modes))  # left: W_V; Q: W_K; K: W_Q; V: W_O
+    macs = core_heads * d_head * d_head * d_model
     for cs in range(0, d_model, plan.width):
         ce = min(cs + plan.width, d_model)
         c = ce - cs
